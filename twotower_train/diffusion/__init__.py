@@ -1,0 +1,37 @@
+"""Masked (absorbing-state) block diffusion: schedules, corruption and losses.
+
+Pure functions of tensors; the training objective module composes them.
+"""
+
+from twotower_train.diffusion.corruption import expand_blocks, mask_tokens
+from twotower_train.diffusion.losses import (
+    KDDirection,
+    TWeighting,
+    Weighting,
+    diffusion_ce,
+    distillation_kl,
+    shift_teacher_logits,
+)
+from twotower_train.diffusion.schedules import (
+    Schedule,
+    TimePer,
+    elbo_weight,
+    mask_prob,
+    sample_t,
+)
+
+__all__ = [
+    "KDDirection",
+    "Schedule",
+    "TWeighting",
+    "TimePer",
+    "Weighting",
+    "diffusion_ce",
+    "distillation_kl",
+    "elbo_weight",
+    "expand_blocks",
+    "mask_prob",
+    "mask_tokens",
+    "sample_t",
+    "shift_teacher_logits",
+]

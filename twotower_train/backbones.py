@@ -1,0 +1,85 @@
+"""Loading AR backbones and their tokenizers: shipped names, local folders, hub ids,
+or a fresh model built from a config (to pretrain one)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from twotower_train.config import BackboneConfig, InitMode
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+SHIPPED_BACKBONES = {
+    "tiny_llama": ASSETS / "backbones" / "tiny_llama",
+    "tiny_nemotron_h": ASSETS / "backbones" / "tiny_nemotron_h",
+}
+TINY_WORLD_TOKENIZER = ASSETS / "tiny_world" / "tokenizer"
+
+
+class BackboneError(RuntimeError):
+    """A backbone or tokenizer that cannot be loaded; the message is one line."""
+
+
+def resolve(name_or_path: str) -> str:
+    """A shipped name -> its folder; an existing local path -> itself; else a hub id."""
+    if name_or_path in SHIPPED_BACKBONES:
+        path = SHIPPED_BACKBONES[name_or_path]
+        if not (path / "config.json").is_file():
+            raise BackboneError(f"shipped backbone '{name_or_path}' is missing at {path}")
+        return str(path)
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise BackboneError(f"{p} is not a Hugging Face model folder (no config.json)")
+        return str(p)
+    if name_or_path.startswith(("/", ".", "~")):
+        raise BackboneError(f"backbone path {name_or_path} does not exist")
+    return name_or_path
+
+
+def load_tokenizer(cfg: BackboneConfig):
+    if cfg.tokenizer is not None:
+        source = resolve(cfg.tokenizer) if cfg.tokenizer in SHIPPED_BACKBONES else cfg.tokenizer
+    elif cfg.init == InitMode.scratch:
+        source = str(TINY_WORLD_TOKENIZER)
+    else:
+        source = resolve(cfg.name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision)
+    except Exception as exc:
+        raise BackboneError(f"cannot load tokenizer '{source}': {_first_line(exc)}") from None
+    if tok.eos_token_id is None:
+        raise BackboneError(f"tokenizer '{source}' has no EOS token")
+    return tok
+
+
+def load_backbone(cfg: BackboneConfig, tokenizer) -> PreTrainedModel:
+    """The AR backbone in fp32 on CPU (the engine moves and casts it)."""
+    if cfg.init == InitMode.scratch:
+        kwargs = dict(cfg.config)
+        model_type = kwargs.pop("model_type")
+        kwargs.setdefault("vocab_size", len(tokenizer))
+        kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+        kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
+        kwargs.setdefault("bos_token_id", tokenizer.bos_token_id)
+        try:
+            config = AutoConfig.for_model(model_type, **kwargs)
+            return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        except Exception as exc:
+            raise BackboneError(
+                f"cannot build a '{model_type}' backbone: {_first_line(exc)}"
+            ) from None
+    source = resolve(cfg.name_or_path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            source, revision=cfg.revision, dtype=torch.float32
+        )
+    except Exception as exc:
+        raise BackboneError(f"cannot load backbone '{source}': {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,303 @@
+"""Typed configuration schema and Hydra composition.
+
+Every key a run can take is declared here as a dataclass field. Hydra composes
+`conf/config.yaml`, the config groups under `conf/` and the recipe picked by
+`recipe=NAME` (`recipes/NAME.yaml`); the result is merged into this schema, so
+an unknown key or a badly typed value is refused before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"
+RECIPES_DIR = REPO_ROOT / "recipes"
+DEFAULT_RECIPE = "tiny"
+
+
+class ConfigError(ValueError):
+    """A configuration the run cannot start with; the message is one line."""
+
+
+class Mode(str, Enum):
+    train = "train"
+    eval = "eval"
+
+
+class Objective(str, Enum):
+    ar = "ar"  # next-token cross-entropy: pretraining a backbone
+    twotower = "twotower"  # block diffusion + AR distillation
+
+
+class InitMode(str, Enum):
+    pretrained = "pretrained"  # load weights (shipped name, local path or hub id)
+    scratch = "scratch"  # build from `backbone.config` with fresh weights
+
+
+class LRSchedule(str, Enum):
+    cosine = "cosine"
+    wsd = "wsd"  # warmup, stable, decay
+    constant = "constant"
+
+
+class DType(str, Enum):
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+class LoggerBackend(str, Enum):
+    none = "none"
+    wandb = "wandb"
+
+
+class WandbMode(str, Enum):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/${recipe}"  # one fixed directory every rank agrees on
+    seed: int = 1234
+    # Resume from the latest checkpoint in run.dir when one exists.
+    resume: bool = True
+
+
+@dataclass
+class BackboneConfig:
+    # A shipped name (tiny_llama, tiny_nemotron_h), a local folder, or a hub id.
+    name_or_path: str = "tiny_llama"
+    revision: str | None = None
+    init: InitMode = InitMode.pretrained
+    # HF config kwargs (with `model_type`) for init=scratch.
+    config: dict[str, Any] = field(default_factory=dict)
+    # Tokenizer folder / hub id; null = same as name_or_path (tiny world's for scratch).
+    tokenizer: str | None = None
+
+
+@dataclass
+class DataConfig:
+    # `tiny_world`: the shipped corpus. (Real corpora: see docs/data.md.)
+    source: str = "tiny_world"
+    seq_len: int = 256
+    # Held-out sequences for the validation loss (0 = none).
+    val_sequences: int = 64
+
+
+@dataclass
+class TrainConfig:
+    objective: Objective = Objective.ar
+    steps: int = 100
+    micro_batch_size: int = 8
+    # Leave one of these null to derive it: micro x accum x world = global.
+    grad_accum_steps: int | None = 1
+    global_batch_size: int | None = None
+    log_every: int = 10
+    ckpt_every: int = 100
+    keep_last: int = 2
+    eval_every: int = 0  # 0 = evaluate only at the end
+    eval_at_end: bool = True
+    # Stop after this many steps of this invocation (testing preemption); 0 = off.
+    stop_after: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    schedule: LRSchedule = LRSchedule.cosine
+    decay_fraction: float = 0.2  # WSD: share of steps spent decaying
+    grad_clip: float = 1.0  # 0 = no clipping
+
+
+@dataclass
+class DeepSpeedConfig:
+    stage: int = 0
+    offload_optimizer: bool = False
+    overlap_comm: bool = False
+    reduce_bucket_size: int = 50_000_000
+    allgather_bucket_size: int = 50_000_000
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: DType = DType.bf16
+    # Transformer Engine linears (NVIDIA GPU only; falls back with one message).
+    te: bool = False
+    fp8: bool = False
+
+
+@dataclass
+class LoggerConfig:
+    backend: LoggerBackend = LoggerBackend.none
+    project: str = "twotower_train"
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    mode: WandbMode = WandbMode.offline
+
+
+@dataclass
+class ExportConfig:
+    # Write the trained HF model (safetensors + tokenizer) to run.dir/hf at the end.
+    hf: bool = False
+
+
+@dataclass
+class Config:
+    recipe: str = DEFAULT_RECIPE
+    mode: Mode = Mode.train
+    run: RunConfig = field(default_factory=RunConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+def _one_line(exc: BaseException) -> str:
+    if str(exc).startswith("Error merging override") and exc.__cause__ is not None:
+        return f"{str(exc).strip()}: {_one_line(exc.__cause__)}"
+    text = str(exc).strip()
+    # OmegaConf appends "full_key: ..., object_type=..." on later lines; Hydra adds hints.
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    head = lines[0] if lines else type(exc).__name__
+    for ln in lines[1:]:
+        if ln.startswith("full_key:"):
+            head = f"{head} ({ln.split(',')[0]})"
+            break
+    return head
+
+
+def compose(overrides: list[str]) -> Config:
+    """Compose `conf/` + recipe + command-line overrides into a validated Config."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    recipe = DEFAULT_RECIPE
+    for ov in overrides:
+        if ov.startswith("recipe="):
+            recipe = ov.split("=", 1)[1]
+    if not (RECIPES_DIR / f"{recipe}.yaml").is_file():
+        known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+        raise ConfigError(f"unknown recipe '{recipe}' (no recipes/{recipe}.yaml; known: {known})")
+    if not any(ov.startswith("recipe=") for ov in overrides):
+        overrides = [f"recipe={recipe}", *overrides]
+
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="schema", node=Config)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            raw = hydra_compose(config_name="config", overrides=list(overrides))
+    except Exception as exc:  # Hydra's override / missing-group errors
+        msg = _one_line(exc)
+        m = re.match(r"Could not override '([^']+)'", msg)
+        if m:
+            msg = f"unknown config key '{m.group(1)}' (every key is declared in {__name__})"
+        raise ConfigError(msg) from None
+    finally:
+        GlobalHydra.instance().clear()
+    return validate(raw, recipe)
+
+
+def validate(raw: DictConfig, recipe: str) -> Config:
+    """Merge a composed config into the schema; refuse unknown keys and bad values."""
+    OmegaConf.set_struct(raw, False)
+    raw.pop("hydra", None)
+    raw["recipe"] = recipe
+    _refuse_unknown_keys(OmegaConf.to_container(raw, resolve=False), Config, "")
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = OmegaConf.merge(schema, raw)
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except Exception as exc:
+        raise ConfigError(_one_line(exc)) from None
+    check(cfg)
+    return cfg
+
+
+def _refuse_unknown_keys(node: Any, schema: type, prefix: str) -> None:
+    """`+key=value` can add keys Hydra's struct mode lets through; the schema cannot."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in node.items():
+        if key not in fields:
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}' (every key is declared in {__name__})"
+            )
+        sub = fields[key].type
+        sub = globals().get(sub, sub) if isinstance(sub, str) else sub
+        if dataclasses.is_dataclass(sub) and isinstance(value, dict):
+            _refuse_unknown_keys(value, sub, f"{prefix}{key}.")
+
+
+def check(cfg: Config) -> None:
+    """Value checks the type system cannot express."""
+    t = cfg.train
+    if cfg.deepspeed.stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.stage must be 0, 1, 2 or 3, got {cfg.deepspeed.stage}")
+    for name in ("steps", "micro_batch_size", "log_every", "ckpt_every", "keep_last"):
+        if getattr(t, name) <= 0:
+            raise ConfigError(f"train.{name} must be > 0, got {getattr(t, name)}")
+    if cfg.data.seq_len < 2:
+        raise ConfigError(f"data.seq_len must be >= 2, got {cfg.data.seq_len}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {cfg.optim.min_lr_ratio}")
+    if cfg.backbone.init == InitMode.scratch and "model_type" not in cfg.backbone.config:
+        raise ConfigError("backbone.init=scratch needs backbone.config.model_type")
+
+
+def batch_arithmetic(train: TrainConfig, world_size: int) -> tuple[int, int]:
+    """Return (grad_accum_steps, global_batch_size); refuse inconsistent settings."""
+    micro, accum, glob = train.micro_batch_size, train.grad_accum_steps, train.global_batch_size
+    per_accum = micro * world_size
+    if accum is None and glob is None:
+        accum = 1
+    if accum is None:
+        if glob % per_accum:
+            raise ConfigError(
+                f"train.global_batch_size={glob} is not divisible by micro_batch_size x world "
+                f"= {micro} x {world_size} = {per_accum}"
+            )
+        accum = glob // per_accum
+    if accum <= 0:
+        raise ConfigError(f"train.grad_accum_steps must be > 0, got {accum}")
+    if glob is not None and micro * accum * world_size != glob:
+        raise ConfigError(
+            f"batch sizes disagree: micro_batch_size x grad_accum_steps x world = {micro} x "
+            f"{accum} x {world_size} = {micro * accum * world_size}, but "
+            f"train.global_batch_size={glob} (set one of the two to null to derive it)"
+        )
+    return accum, micro * accum * world_size
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def fail(msg: str, code: int = 2) -> None:
+    print(f"twotower_train: error: {msg}", file=sys.stderr)
+    raise SystemExit(code)

@@ -1,0 +1,66 @@
+"""Block-wise forward (corruption) process: replace tokens by [MASK] with their block's
+mask probability."""
+
+from __future__ import annotations
+
+import torch
+
+from twotower_train.diffusion.schedules import Schedule, mask_prob
+
+
+def expand_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Per-block values [B, nb] -> per-token values [B, nb * block_size] (each repeated).
+
+    Use it to turn sampled t [B, nb] into `t_tok` [B, L] for the losses.
+    """
+    return x.repeat_interleave(block_size, dim=1)
+
+
+def mask_tokens(
+    ids: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    block_size: int,
+    mask_id: int,
+    schedule: Schedule,
+    mask_range: tuple[float, float] = (0.0, 1.0),
+    loss_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mask each token independently with its block's probability.
+
+    ids [B, L] int, t [B, nb] with nb = L / block_size, loss_mask [B, L] bool or None
+    (None: every position may be masked).
+
+    The block's mask probability is m(t) from `schedule`, clamped into
+    mask_range = (mask_min, mask_max). Positions where loss_mask is False (prompt,
+    padding) are never masked.
+
+    Returns:
+        noisy_ids [B, L]: ids with masked positions set to mask_id.
+        masked [B, L] bool: which positions were masked.
+        p_mask [B, L] fp32: the probability each position had of being masked
+            (the clamped block probability; 0 where loss_mask is False).
+
+    Deterministic given the generator: the uniforms are drawn on the generator's device
+    (CPU when there is none) and then moved to ids.device.
+    """
+    batch, length = ids.shape
+    if length % block_size != 0:
+        raise ValueError(f"sequence length {length} is not a multiple of block_size {block_size}")
+    if t.shape != (batch, length // block_size):
+        raise ValueError(f"t has shape {tuple(t.shape)}, expected {(batch, length // block_size)}")
+    mask_min, mask_max = mask_range
+    if not 0.0 <= mask_min <= mask_max <= 1.0:
+        raise ValueError(f"mask_range must satisfy 0 <= min <= max <= 1, got {mask_range}")
+
+    p_block = mask_prob(t, schedule).clamp(mask_min, mask_max)  # [B, nb]
+    p_mask = expand_blocks(p_block, block_size).to(ids.device)  # [B, L]
+    if loss_mask is not None:
+        p_mask = p_mask * loss_mask.to(p_mask.dtype)
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    u = torch.rand(batch, length, generator=generator, device=gen_device).to(ids.device)
+    # u in [0, 1), so p = 0 never masks and p = 1 always masks.
+    masked = u < p_mask
+    noisy_ids = torch.where(masked, torch.full_like(ids, mask_id), ids)
+    return noisy_ids, masked, p_mask

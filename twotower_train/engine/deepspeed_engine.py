@@ -1,0 +1,112 @@
+"""DeepSpeed ZeRO engine setup.
+
+Only parameters with `requires_grad=True` reach the optimizer, so a frozen
+context tower costs no gradient buffers and no optimizer state at any stage.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from twotower_train.config import Config, DType, LRSchedule, OptimConfig
+
+
+def lr_lambda(step: int, total: int, opt: OptimConfig) -> float:
+    """LR multiplier at optimizer step `step` (0-based): warmup, then cosine/WSD/constant."""
+    if opt.warmup_steps > 0 and step < opt.warmup_steps:
+        return (step + 1) / opt.warmup_steps
+    floor = opt.min_lr_ratio
+    if opt.schedule == LRSchedule.constant:
+        return 1.0
+    if opt.schedule == LRSchedule.cosine:
+        span = max(1, total - opt.warmup_steps)
+        progress = min(1.0, (step - opt.warmup_steps) / span)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    # WSD: stable at 1.0, then linear decay to `floor` over the last decay_fraction.
+    decay_steps = max(1, int(round(total * opt.decay_fraction)))
+    decay_start = total - decay_steps
+    if step < decay_start:
+        return 1.0
+    progress = min(1.0, (step - decay_start) / decay_steps)
+    return 1.0 - (1.0 - floor) * progress
+
+
+def deepspeed_config(cfg: Config, grad_accum: int, world_size: int) -> dict[str, Any]:
+    ds = cfg.deepspeed
+    zero: dict[str, Any] = {"stage": ds.stage}
+    if ds.stage > 0:
+        zero.update(
+            overlap_comm=ds.overlap_comm,
+            reduce_bucket_size=ds.reduce_bucket_size,
+            allgather_bucket_size=ds.allgather_bucket_size,
+        )
+    if ds.offload_optimizer:
+        if ds.stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs ZeRO stage >= 1")
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": cfg.train.micro_batch_size * grad_accum * world_size,
+        # Explicit: DeepSpeed's own default is 1.0.
+        "gradient_clipping": cfg.optim.grad_clip,
+        "bf16": {"enabled": cfg.precision.dtype == DType.bf16},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters only; no weight decay on biases, norms and embeddings' 1-D params."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters")
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_engine(module: nn.Module, cfg: Config, grad_accum: int, world_size: int):
+    """`deepspeed.initialize` with a client AdamW and a LambdaLR schedule."""
+    import deepspeed
+
+    opt = cfg.optim
+    optimizer = torch.optim.AdamW(
+        param_groups(module, opt.weight_decay),
+        lr=opt.lr,
+        betas=(opt.beta1, opt.beta2),
+        eps=opt.eps,
+    )
+    total = cfg.train.steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, total, opt))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=module,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, grad_accum, world_size),
+        dist_init_required=False,
+    )
+    return engine, optimizer, scheduler
+
+
+def trainable_state_dict(engine) -> dict[str, torch.Tensor]:
+    """The full (gathered) module state dict on every rank, fp32 on CPU."""
+    import deepspeed
+
+    module = engine.module
+    params = list(module.parameters())
+    with deepspeed.zero.GatheredParameters(
+        params, modifier_rank=None, enabled=engine.zero_optimization_stage() == 3
+    ):
+        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
