@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
 import time
 from dataclasses import asdict
@@ -40,7 +41,7 @@ class MetricsLogger:
         if not enabled:
             return
         self.path = run_dir / "metrics.jsonl"
-        self._file = open(self.path, "a")  # appends across resumes
+        self._file = open(self.path, "a")  # noqa: SIM115 -- appends across resumes
         if cfg.logger.backend == LoggerBackend.wandb:
             self.wandb = _start_wandb(cfg, run_dir)
 
@@ -98,7 +99,7 @@ def _start_wandb(cfg: Config, run_dir: Path):
     if id_file.is_file():
         run_id = id_file.read_text().strip()
     else:
-        run_id = wandb.util.generate_id()
+        run_id = secrets.token_hex(4)
         id_file.write_text(run_id)
     lg = cfg.logger
     mode = os.environ.get("WANDB_MODE", lg.mode.value)

@@ -23,6 +23,7 @@ import json
 import random
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 TASKS: tuple[str, ...] = ("add", "copy", "reverse", "sort", "recall")
 ASSETS_DIR: Path = Path(__file__).resolve().parent.parent / "assets" / "tiny_world"
@@ -95,27 +96,6 @@ def make_task_example(task: str, rng: random.Random) -> tuple[str, str]:
         query = rng.randrange(len(keys))
         pairs = " ".join(f"{k}:{v}" for k, v in zip(keys, values))
         return f"recall {pairs} ? {keys[query]} =", f" {values[query]}"
-    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-
-
-def solve_task(task: str, prompt: str) -> str:
-    """Recompute the answer of a prompt from its text (an independent check of the generator)."""
-    words = prompt.split()
-    if words[0] != task or words[-1] != "=":
-        raise ValueError(f"not a {task!r} prompt: {prompt!r}")
-    args = words[1:-1]
-    if task == "add":
-        return f" {int(args[0]) + int(args[1])}"
-    if task == "copy":
-        return " " + " ".join(args)
-    if task == "reverse":
-        return " " + " ".join(args[::-1])
-    if task == "sort":
-        return " " + " ".join(str(n) for n in sorted(int(a) for a in args))
-    if task == "recall":
-        *pairs, question_mark, key = args
-        assert question_mark == "?", prompt
-        return " " + dict(pair.split(":") for pair in pairs)[key]
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
@@ -280,9 +260,11 @@ def _a(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-class _Character:
-    def __init__(self, name: str, subject: str, object_: str, possessive: str) -> None:
-        self.name, self.subject, self.object, self.possessive = name, subject, object_, possessive
+class _Character(NamedTuple):
+    name: str  # "Anna", or "her mother"
+    subject: str  # she / he / they
+    object: str  # her / him / them
+    possessive: str  # her / his / their
 
 
 def _random_person(rng: random.Random, exclude: str = "") -> _Character:
@@ -463,15 +445,12 @@ def _story_paragraph(rng: random.Random) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _unique_task_examples(
-    task: str, rng: random.Random, count: int, exclude_prompts: set[str] = frozenset()
-) -> list[tuple[str, str]]:
-    """`count` examples with distinct prompts (used for the held-out split)."""
+def _unique_task_examples(task: str, rng: random.Random, count: int) -> list[tuple[str, str]]:
+    """`count` examples with distinct prompts (the held-out split)."""
     examples: dict[str, str] = {}
     while len(examples) < count:
         prompt, answer = make_task_example(task, rng)
-        if prompt not in exclude_prompts:
-            examples.setdefault(prompt, answer)
+        examples.setdefault(prompt, answer)
     return list(examples.items())
 
 
@@ -531,7 +510,8 @@ def _fill_with_reserved_tokens(bpe, vocab_size: int):
 def train_tokenizer(texts: Iterable[str], vocab_size: int = VOCAB_SIZE):
     """Byte-level BPE with individually split digits and special ids pad=0, eos=1, mask=2.
 
-    Unused ids up to `vocab_size` are filled with ``<|reserved_i|>`` special tokens. Returns a ``PreTrainedTokenizerFast`` that adds no special tokens when encoding.
+    Unused ids up to `vocab_size` are filled with ``<|reserved_i|>`` special tokens. Returns a
+    ``PreTrainedTokenizerFast`` that adds no special tokens when encoding.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

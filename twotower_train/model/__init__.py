@@ -1,0 +1,25 @@
+"""Two-tower block-diffusion model over a frozen HF causal LM (see docs/architecture.md).
+
+Files: ``two_tower.py`` (``TwoTowerModel``), ``towers.py`` (context / denoiser towers),
+``adapters/`` (one small file per HF family), ``attention.py`` (SDPA / FlexAttention),
+``masks.py`` (pure mask functions), ``mamba.py`` (SSD scan from explicit states),
+``cache.py`` (what flows between the towers), ``time_conditioning.py`` (adaLN-single).
+"""
+
+from .cache import ContextCache, ContextOutputs, DenoiserContext
+from .masks import block_causal_mask, block_causal_mask_mod, denoiser_attention_mask
+from .towers import ContextTower, DenoiserTower
+from .two_tower import TwoTowerConfig, TwoTowerModel
+
+__all__ = [
+    "ContextCache",
+    "ContextOutputs",
+    "ContextTower",
+    "DenoiserContext",
+    "DenoiserTower",
+    "TwoTowerConfig",
+    "TwoTowerModel",
+    "block_causal_mask",
+    "block_causal_mask_mod",
+    "denoiser_attention_mask",
+]

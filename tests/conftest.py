@@ -1,0 +1,83 @@
+"""Shared helpers: run the CLI as a subprocess, read metrics, tiny overrides."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A ~30k-parameter Llama on 32-token sequences: fast enough for engine tests.
+TINY = [
+    "recipe=tiny",
+    "backbone.config.hidden_size=32",
+    "backbone.config.num_hidden_layers=2",
+    "backbone.config.num_attention_heads=4",
+    "backbone.config.num_key_value_heads=2",
+    "backbone.config.intermediate_size=64",
+    "data.seq_len=32",
+    "data.val_sequences=8",
+    "train.micro_batch_size=4",
+    "train.eval_at_end=false",
+    "optim.warmup_steps=2",
+]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def run_cli(args: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "twotower_train", *args],
+        cwd=REPO,
+        env=subprocess_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def run_torchrun(nproc: int, args: list[str], timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            "--standalone",
+            "-m",
+            "twotower_train",
+            *args,
+        ],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+@pytest.fixture
+def tiny_args(tmp_path: Path) -> list[str]:
+    return [*TINY, f"run.dir={tmp_path / 'run'}"]

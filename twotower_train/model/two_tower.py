@@ -1,0 +1,259 @@
+"""``TwoTowerModel``: a frozen AR backbone (context tower) + its block-diffusion denoiser.
+
+Training runs both towers once over the whole sequence (``forward`` / ``forward_train``);
+decoding grows a ``ContextCache`` chunk by chunk (``context_extend``) and denoises one
+block at a time against it (``denoise_block``). ``reference_forward`` is that decoding loop
+over a training batch -- slow and obviously correct, the yardstick of the one-pass path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .adapters import adapter_for
+from .attention import denoiser_block_mask, flex_available
+from .cache import ContextCache, ContextOutputs, DenoiserContext
+from .masks import denoiser_attention_mask
+from .time_conditioning import expand_timesteps
+from .towers import ContextTower, DenoiserTower
+
+
+@dataclass(frozen=True)
+class TwoTowerConfig:
+    """The knobs ``from_backbone`` was called with (what a release needs to rebuild it)."""
+
+    block_size: int
+    mask_token_id: int
+    denoiser_layers: int | None = None
+    tie_denoiser_head: bool = False
+    mamba_bidirectional: bool = False
+    time_conditioning: bool = False
+    context_dtype: str | None = None
+    attn_impl: str = "sdpa"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class TwoTowerModel(nn.Module):
+    """Context tower (``self.context``, frozen backbone) + denoiser (``self.denoiser``).
+
+    Every trainable parameter lives under ``self.denoiser``.
+    """
+
+    def __init__(
+        self, context: ContextTower, denoiser: DenoiserTower, config: TwoTowerConfig
+    ) -> None:
+        super().__init__()
+        self.context = context
+        self.denoiser = denoiser
+        self.config = config
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_backbone(
+        cls,
+        backbone: nn.Module,
+        *,
+        block_size: int = 16,
+        mask_token_id: int,
+        denoiser_layers: int | None = None,
+        tie_denoiser_head: bool = False,
+        mamba_bidirectional: bool = False,
+        time_conditioning: bool = False,
+        context_dtype: torch.dtype | None = None,
+        attn_impl: str = "sdpa",
+    ) -> TwoTowerModel:
+        """Build from an HF causal LM (Llama, Qwen2, Qwen3, Nemotron-H).
+
+        The denoiser is deep-copied from ``backbone`` first (in its current dtype); then
+        ``backbone`` itself -- modified in place -- becomes the frozen context tower, cast to
+        ``context_dtype`` if given. ``denoiser_layers=k`` copies only the top k layers.
+        """
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if attn_impl not in ("sdpa", "flex"):
+            raise ValueError(f"attn_impl must be 'sdpa' or 'flex', got {attn_impl!r}")
+        if attn_impl == "flex" and not flex_available():
+            raise ValueError("attn_impl='flex' needs torch.nn.attention.flex_attention")
+        vocab = backbone.get_input_embeddings().num_embeddings
+        if not 0 <= mask_token_id < vocab:
+            raise ValueError(f"mask_token_id {mask_token_id} outside the vocabulary (size {vocab})")
+        adapter = adapter_for(backbone)
+        denoiser = DenoiserTower(
+            backbone,
+            adapter,
+            num_layers=denoiser_layers,
+            tie_head=tie_denoiser_head,
+            mamba_bidirectional=mamba_bidirectional,
+            time_conditioning=time_conditioning,
+        )
+        if context_dtype is not None:
+            backbone.to(context_dtype)
+        context = ContextTower(backbone, adapter)
+        config = TwoTowerConfig(
+            block_size=block_size,
+            mask_token_id=mask_token_id,
+            denoiser_layers=denoiser_layers,
+            tie_denoiser_head=tie_denoiser_head,
+            mamba_bidirectional=mamba_bidirectional,
+            time_conditioning=time_conditioning,
+            context_dtype=None
+            if context_dtype is None
+            else str(context_dtype).replace("torch.", ""),
+            attn_impl=attn_impl,
+        )
+        return cls(context, denoiser, config)
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.config.mask_token_id
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The HF model inside the context tower (frozen)."""
+        return self.context.backbone
+
+    # -- training: one pass over all blocks ------------------------------------------------
+    def forward(
+        self,
+        clean_ids: torch.Tensor,
+        noisy_ids: torch.Tensor,
+        t: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Denoiser logits ``[B, L, V]``; block n depends only on clean blocks 0..n-1 and
+        noisy block n. ``clean_ids/noisy_ids [B, L]`` (L a multiple of ``block_size``),
+        ``t`` [B], [B, L / bs] or [B, L] (used with time conditioning), ``doc_ids [B, L]``
+        optional document ids (no attention / Mamba state across documents)."""
+        return self.forward_train(clean_ids, noisy_ids, t, doc_ids)[0]
+
+    def forward_train(
+        self,
+        clean_ids: torch.Tensor,
+        noisy_ids: torch.Tensor,
+        t: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both towers in one call: ``(denoiser_logits [B, L, V], context_logits [B, L, V])``.
+
+        The context tower runs once (no grad); its logits are the AR teacher's next-token
+        distributions (position i predicts token i + 1)."""
+        ctx_out = self.context_forward(clean_ids, doc_ids=doc_ids)
+        return self.denoise(noisy_ids, ctx_out, t=t, doc_ids=doc_ids), ctx_out.logits
+
+    def context_forward(
+        self, clean_ids: torch.Tensor, doc_ids: torch.Tensor | None = None
+    ) -> ContextOutputs:
+        """One no-grad pass of the frozen backbone over ``clean_ids [B, L]``: logits, K/V of
+        every attention layer, Mamba conv/SSM states at every block boundary."""
+        batch, length = clean_ids.shape
+        if length % self.block_size:
+            raise ValueError(f"sequence length {length} is not a multiple of block_size")
+        return self.context(clean_ids, block_size=self.block_size, doc_ids=doc_ids, boundaries=True)
+
+    def denoise(
+        self,
+        noisy_ids: torch.Tensor,
+        ctx_out: ContextOutputs,
+        t: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Denoiser one-pass forward over all blocks of ``noisy_ids [B, L]`` given the
+        context tower's ``ctx_out`` for the matching clean sequence."""
+        batch, length = noisy_ids.shape
+        bs = self.block_size
+        if ctx_out.cache.length != length:
+            raise ValueError("noisy_ids and clean_ids must have the same length")
+        if self.config.attn_impl == "flex":
+            mask = denoiser_block_mask(length, bs, doc_ids, noisy_ids.device)
+        else:
+            mask = denoiser_attention_mask(length, bs, doc_ids, device=noisy_ids.device)
+        ctx = DenoiserContext(
+            keys=ctx_out.cache.keys,
+            values=ctx_out.cache.values,
+            attn_mask=mask,
+            conv_windows=ctx_out.conv_windows,
+            ssm_init=ctx_out.ssm_init,
+            docs=self._block_docs(doc_ids, length) if doc_ids is not None else None,
+        )
+        positions = torch.arange(length, device=noisy_ids.device)[None]
+        t_tok = None if t is None else expand_timesteps(t, batch, length, bs)
+        return self.denoiser(noisy_ids, ctx, positions=positions, block_size=bs, t=t_tok)
+
+    def _block_docs(self, doc_ids: torch.Tensor, length: int) -> torch.Tensor:
+        """Document ids of each block's Mamba conv window + tokens: ``[B, nb, K-1+bs]``."""
+        K = self._conv_kernel()
+        bs = self.block_size
+        padded = torch.cat([doc_ids.new_full((doc_ids.shape[0], K - 1), -1), doc_ids], dim=1)
+        starts = torch.arange(0, length, bs, device=doc_ids.device)
+        idx = starts[:, None] + torch.arange(K - 1 + bs, device=doc_ids.device)[None]
+        return padded[:, idx]
+
+    def _conv_kernel(self) -> int:
+        return getattr(self.backbone.config, "conv_kernel", 4)
+
+    @torch.no_grad()
+    def context_logits(self, clean_ids: torch.Tensor) -> torch.Tensor:
+        """The frozen backbone's own logits ``[B, L, V]`` (fp32) for ``clean_ids [B, L]``."""
+        return self.context(clean_ids, block_size=self.block_size).logits
+
+    # -- decoding: a cache, one block at a time --------------------------------------------
+    def empty_cache(self) -> ContextCache:
+        return ContextCache()
+
+    def context_extend(
+        self, cache: ContextCache | None, ids: torch.Tensor
+    ) -> tuple[ContextCache, torch.Tensor]:
+        """Run the context tower on a new chunk ``ids [B, T]`` (any T) after ``cache``.
+        Returns the extended cache (a new object) and the chunk's logits ``[B, T, V]``."""
+        out = self.context(ids, cache, block_size=self.block_size)
+        return out.cache, out.logits
+
+    def denoise_block(
+        self,
+        cache: ContextCache | None,
+        noisy_block_ids: torch.Tensor,
+        t: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Denoiser logits ``[B, bs, V]`` for one noisy block ``[B, bs]`` placed right after
+        the ``cache`` prefix (bidirectional inside the block). ``t``: [B], [B, 1] or [B, bs]."""
+        cache = cache if cache is not None else ContextCache()
+        batch, bs = noisy_block_ids.shape
+        device = noisy_block_ids.device
+        positions = torch.arange(cache.length, cache.length + bs, device=device)[None]
+        t_tok = None if t is None else expand_timesteps(t, batch, bs, bs)
+        return self.denoiser(
+            noisy_block_ids,
+            DenoiserContext.from_cache(cache),
+            positions=positions,
+            block_size=bs,
+            t=t_tok,
+        )
+
+    @torch.no_grad()
+    def reference_forward(
+        self, clean_ids: torch.Tensor, noisy_ids: torch.Tensor, t: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Per-block loop equal to ``forward`` (for tests): for each block n, denoise noisy
+        block n against a cache of clean blocks 0..n-1, then extend the cache with clean
+        block n. ``t``: [B] or [B, L / bs]."""
+        batch, length = clean_ids.shape
+        bs = self.block_size
+        cache = self.empty_cache()
+        out = []
+        for n in range(length // bs):
+            span = slice(n * bs, (n + 1) * bs)
+            t_n = None
+            if t is not None:
+                t_n = t if t.dim() <= 1 else expand_timesteps(t, batch, length, bs)[:, span]
+            out.append(self.denoise_block(cache, noisy_ids[:, span], t=t_n))
+            cache, _ = self.context_extend(cache, clean_ids[:, span])
+        return torch.cat(out, dim=1)
