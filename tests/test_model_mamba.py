@@ -7,6 +7,15 @@ from torch import nn
 from twotower_train.model.mamba import causal_conv, segment_sum, ssd_scan
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: intra-op threads only add sync overhead, and stall on a busy 2-core box.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def naive_scan(x, dt, A, B, C, h, reset=None):
     """h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t^T ; y_t = C_t h_t -- one token at a time."""
     H, G = x.shape[2], B.shape[2]
@@ -70,8 +79,16 @@ def test_ssd_scan_matches_hf_chunk_scan():
     x, _, A, B, C, h0 = _inputs()
     dt_raw = torch.randn(x.shape[:3])
     y_hf, final_hf = mamba2_chunk_scan(
-        x, dt_raw, A, B, C, chunk_size=8, initial_states=h0, dt_softplus=True,
-        return_final_states=True, dt_limit=(0.001, float("inf")),
+        x,
+        dt_raw,
+        A,
+        B,
+        C,
+        chunk_size=8,
+        initial_states=h0,
+        dt_softplus=True,
+        return_final_states=True,
+        dt_limit=(0.001, float("inf")),
     )
     dt = torch.clamp(torch.nn.functional.softplus(dt_raw), min=0.001)
     y, states = ssd_scan(x, dt, A, B, C, chunk_size=3, initial_state=h0)

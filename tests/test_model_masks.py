@@ -22,6 +22,15 @@ EXPECTED_L6_B2 = torch.tensor(
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: intra-op threads only add sync overhead, and stall on a busy 2-core box.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_block_causal_mask_hand_written():
     mask = block_causal_mask(6, 2)
     assert mask.dtype == torch.bool and mask.shape == (6, 12)
@@ -77,7 +86,9 @@ def test_causal_masks():
     assert causal_mask(2, 3).tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
     assert context_attention_mask(4) is None
     docs = torch.tensor([[0, 0, 1, 1]])
-    expected = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    expected = torch.tensor(
+        [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]], dtype=torch.bool
+    )
     assert torch.equal(context_attention_mask(4, docs)[0, 0], expected)
 
 

@@ -11,6 +11,15 @@ from twotower_train.model.tiny import FAMILIES, tiny_backbone
 VOCAB, MASK = 128, 127
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: intra-op threads only add sync overhead, and stall on a busy 2-core box.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request):
     return request.param

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from twotower_train.backbones import load_backbone, load_tokenizer
-from twotower_train.config import Config, Objective, batch_arithmetic, to_yaml
+from twotower_train.config import Config, DType, Objective, batch_arithmetic, to_yaml
 from twotower_train.data.packing import BatchOrder
 from twotower_train.data.sources import build_token_data
 from twotower_train.engine.checkpoint import CheckpointManager
@@ -217,6 +217,8 @@ def train(cfg: Config) -> dict[str, float]:
         model = snapshot_backbone(engine, template)
         if env.is_main:
             out = run_dir / "hf"
+            if cfg.precision.dtype == DType.bf16:  # trained weights are bf16: store them so
+                model = model.to(torch.bfloat16)
             model.save_pretrained(out, safe_serialization=True)
             tokenizer.save_pretrained(out)
             info(f"exported the trained model to {out}")

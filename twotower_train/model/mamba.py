@@ -64,6 +64,12 @@ def ssd_scan(
     Returns ``y [b, T, H, P]`` and ``states [b, ceil(T / Q), H, P, N]``: the state after each
     chunk (the last one is the final state; padding does not move the state).
     """
+    # fp32 throughout, also under autocast: decays are exponentials of long sums.
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return _ssd_scan_fp32(x, dt, A, B, C, chunk_size, initial_state, reset)
+
+
+def _ssd_scan_fp32(x, dt, A, B, C, chunk_size, initial_state, reset):
     b, T, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     Q = chunk_size

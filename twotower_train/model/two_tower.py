@@ -172,7 +172,7 @@ class TwoTowerModel(nn.Module):
         bs = self.block_size
         if ctx_out.cache.length != length:
             raise ValueError("noisy_ids and clean_ids must have the same length")
-        if self.config.attn_impl == "flex":
+        if self._use_flex(noisy_ids.device):
             mask = denoiser_block_mask(length, bs, doc_ids, noisy_ids.device)
         else:
             mask = denoiser_attention_mask(length, bs, doc_ids, device=noisy_ids.device)
@@ -187,6 +187,13 @@ class TwoTowerModel(nn.Module):
         positions = torch.arange(length, device=noisy_ids.device)[None]
         t_tok = None if t is None else expand_timesteps(t, batch, length, bs)
         return self.denoiser(noisy_ids, ctx, positions=positions, block_size=bs, t=t_tok)
+
+    def _use_flex(self, device: torch.device) -> bool:
+        """FlexAttention where it runs: CUDA (compiled), or CPU without autograd (eager; torch
+        has no CPU flex backward). Otherwise the SDPA boolean-mask path, same predicate."""
+        if self.config.attn_impl != "flex":
+            return False
+        return device.type == "cuda" or not torch.is_grad_enabled()
 
     def _block_docs(self, doc_ids: torch.Tensor, length: int) -> torch.Tensor:
         """Document ids of each block's Mamba conv window + tokens: ``[B, nb, K-1+bs]``."""
