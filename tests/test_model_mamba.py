@@ -61,6 +61,19 @@ def test_ssd_scan_matches_sequential(chunk):
     torch.testing.assert_close(states, s_ref[:, ends], rtol=1e-5, atol=1e-5)
 
 
+def test_ssd_scan_without_states():
+    x, dt, A, B, C, h0 = _inputs(T=7)
+    y_ref, _ = naive_scan(x, dt, A, B, C, h0)
+    for chunk in (7, 8, 3):  # one padded chunk, or several
+        y, states = ssd_scan(
+            x, dt, A, B, C, chunk_size=chunk, initial_state=h0, return_states=False
+        )
+        assert states is None
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    y, _ = ssd_scan(x, dt, A, B, C, chunk_size=8, return_states=False)
+    torch.testing.assert_close(y, naive_scan(x, dt, A, B, C, torch.zeros_like(h0))[0])
+
+
 def test_ssd_scan_resets():
     x, dt, A, B, C, h0 = _inputs()
     reset = torch.zeros(x.shape[:2], dtype=torch.bool)

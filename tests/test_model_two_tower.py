@@ -105,7 +105,8 @@ def test_denoiser_is_a_copy(backbone):
 
 @pytest.mark.parametrize(
     "block_size,layers",
-    [(4, None), (3, None), (5, 2), (8, 3)],  # 3 and 5 do not divide Nemotron-H's chunk of 8
+    # 3 and 5 do not divide Nemotron-H's Mamba chunk of 8; 1 is shorter than its conv window
+    [(4, None), (3, None), (5, 2), (8, 3), (1, None)],
 )
 def test_one_pass_equals_reference(backbone, block_size, layers):
     model = build(backbone, block_size=block_size, denoiser_layers=layers)
@@ -127,7 +128,7 @@ def test_context_dtype_bf16(backbone):
         out = model(clean, noisy)
     assert got.dtype == torch.float32 and out.dtype == torch.float32
     assert_rel_close(got, expected, rel=2e-2)
-    assert_rel_close(out, model.reference_forward(clean, noisy), rel=1e-4)
+    assert_rel_close(out, model.reference_forward(clean, noisy), rel=1e-2)  # bf16 context
 
 
 # -- time conditioning and bidirectional Mamba ----------------------------------------------

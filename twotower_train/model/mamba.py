@@ -53,7 +53,8 @@ def ssd_scan(
     chunk_size: int,
     initial_state: torch.Tensor | None = None,
     reset: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_states: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked SSD scan (Mamba-2), fp32, without the ``D`` skip.
 
     ``x [b, T, H, P]``, ``dt [b, T, H]`` (after softplus/clamp), ``A [H]`` (negative),
@@ -62,14 +63,15 @@ def ssd_scan(
 
     Recurrence: ``h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t^T``, ``y_t = C_t h_t``.
     Returns ``y [b, T, H, P]`` and ``states [b, ceil(T / Q), H, P, N]``: the state after each
-    chunk (the last one is the final state; padding does not move the state).
+    chunk (the last one is the final state; padding does not move the state), or None with
+    ``return_states=False`` (then a single chunk skips the state computation altogether).
     """
     # fp32 throughout, also under autocast: decays are exponentials of long sums.
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return _ssd_scan_fp32(x, dt, A, B, C, chunk_size, initial_state, reset)
+        return _ssd_scan_fp32(x, dt, A, B, C, chunk_size, initial_state, reset, return_states)
 
 
-def _ssd_scan_fp32(x, dt, A, B, C, chunk_size, initial_state, reset):
+def _ssd_scan_fp32(x, dt, A, B, C, chunk_size, initial_state, reset, return_states):
     b, T, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     Q = chunk_size
@@ -98,6 +100,13 @@ def _ssd_scan_fp32(x, dt, A, B, C, chunk_size, initial_state, reset):
     # 1. intra-chunk (diagonal blocks): y_l += sum_{s<=l} (C_l . B_s) decay(s->l) xdt_s
     scores = torch.einsum("bclhn,bcshn->bhcls", C, B) * decay_in_chunk
     y = torch.einsum("bhcls,bcshp->bclhp", scores, xdt)
+    if nc == 1 and not return_states:
+        # One chunk (a denoiser block): its start state is the initial state; skip 2-3.
+        if initial_state is not None:
+            decay_from_start = torch.exp(torch.cumsum(a, dim=-1))  # [b, H, 1, Q]
+            start = initial_state.float()[:, None]
+            y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", C, start, decay_from_start)
+        return y.reshape(b, Q, H, P)[:, :T], None
     # 2. each chunk's own contribution to the state at its end
     decay_to_end = decay_in_chunk[..., -1, :]  # [b, H, c, Q]: decay(s -> chunk end)
     local = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, decay_to_end, xdt)
@@ -112,7 +121,7 @@ def _ssd_scan_fp32(x, dt, A, B, C, chunk_size, initial_state, reset):
     decay_from_start = torch.exp(torch.cumsum(a, dim=-1))  # [b, H, c, Q]
     y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", C, start_states, decay_from_start)
     y = y.reshape(b, nc * Q, H, P)[:, :T]
-    return y, end_states
+    return y, end_states if return_states else None
 
 
 def causal_conv(
@@ -154,13 +163,15 @@ def mamba_mix(
     chunk_size: int,
     docs: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_states: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rest of the mixer after ``mamba_project``: conv (from ``conv_prefix [b, K-1, C]``), SSD
     scan (from ``ssm_state [b, H, P, N]``), ``D`` skip, gated RMSNorm, ``out_proj``.
 
     ``docs [b, K-1+T]``: document ids of the prefix rows and the T tokens (-1 = none);
     the conv ignores taps of other documents and the scan resets at document starts.
-    Returns ``out [b, T, D]`` and the chunk-end SSM states ``[b, ceil(T / Q), H, P, N]``.
+    Returns ``out [b, T, D]`` and the chunk-end SSM states ``[b, ceil(T / Q), H, P, N]``
+    (None with ``return_states=False``).
     """
     b, T, _ = xbc.shape
     K = mixer.conv_kernel_size
@@ -188,6 +199,7 @@ def mamba_mix(
         chunk_size=chunk_size,
         initial_state=ssm_state,
         reset=reset,
+        return_states=return_states,
     )
     y = y + mixer.D.float()[:, None] * x.float()
     y = mixer.norm(y.reshape(b, T, H * P), gate)

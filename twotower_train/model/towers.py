@@ -81,7 +81,8 @@ class ContextTower(nn.Module):
             attn_mask = causal_mask(length, past, device=ids.device)[None, None]
 
         new = ContextCache(length=past + length)
-        out = ContextOutputs(logits=None, cache=new)  # type: ignore[arg-type]
+        conv_windows: dict[int, torch.Tensor] = {}
+        ssm_init: dict[int, torch.Tensor] = {}
         for li, layer in enumerate(parts.layers):
             for sub in adapter.sublayers(layer):
                 x = adapter.normalize(sub.norm, h)
@@ -101,21 +102,33 @@ class ContextTower(nn.Module):
                     )
                     y = adapter.attention_out(sub.mixer, o)
                 elif sub.kind == MAMBA:
-                    y = self._mamba(
-                        sub.mixer, x, li, cache, new, out, block_size, doc_ids, boundaries
+                    y, new.conv[li], new.ssm[li], bounds = self._mamba(
+                        sub.mixer,
+                        x,
+                        cache.conv.get(li),
+                        cache.ssm.get(li),
+                        block_size,
+                        doc_ids,
+                        boundaries,
                     )
+                    if boundaries:
+                        conv_windows[li], ssm_init[li] = bounds
                 else:
                     y = sub.mixer(x)
                 h = h + y
-        out.logits = adapter.logits(parts.head, parts.norm(h))
-        return out
+        logits = adapter.logits(parts.head, parts.norm(h))
+        return ContextOutputs(logits, new, conv_windows, ssm_init)
 
     @staticmethod
-    def _mamba(mixer, x, li, cache, new, out, block_size, doc_ids, boundaries):
+    def _mamba(mixer, x, prefix, ssm_state, block_size, doc_ids, boundaries):
+        """Mamba sub-layer over ``x [B, T, D]`` from the cached conv ``prefix`` / ``ssm_state``.
+
+        Returns the output, the final conv and SSM state, and (``boundaries``) the states at
+        the start of every block: conv windows ``[B, nb, K-1, C]``, SSM ``[B, nb, H, P, N]``.
+        """
         batch, length, _ = x.shape
         K = mixer.conv_kernel_size
         gate, xbc, dt = mamba_project(mixer, x)
-        prefix = cache.conv.get(li)
         if prefix is None:
             prefix = xbc.new_zeros(batch, K - 1, xbc.shape[-1])
         docs = None
@@ -127,20 +140,20 @@ class ContextTower(nn.Module):
             xbc,
             dt,
             conv_prefix=prefix,
-            ssm_state=cache.ssm.get(li),
+            ssm_state=ssm_state,
             chunk_size=block_size,
             docs=docs,
         )
         rows = torch.cat([prefix.to(xbc.dtype), xbc], dim=1)  # [B, K-1+T, C] pre-conv
-        new.conv[li] = rows[:, rows.shape[1] - (K - 1) :]
-        new.ssm[li] = states[:, -1]
-        if boundaries:
-            starts = torch.arange(0, length, block_size, device=x.device)
-            idx = starts[:, None] + torch.arange(K - 1, device=x.device)[None]  # [nb, K-1]
-            out.conv_windows[li] = rows[:, idx]  # [B, nb, K-1, C]
-            init = states.new_zeros(states[:, :1].shape)
-            out.ssm_init[li] = torch.cat([init, states[:, :-1]], dim=1)  # [B, nb, H, P, N]
-        return y
+        if not boundaries:
+            return y, rows[:, length:], states[:, -1], None
+        starts = torch.arange(0, length, block_size, device=x.device)
+        idx = starts[:, None] + torch.arange(K - 1, device=x.device)[None]  # [nb, K-1]
+        # Chunks are blocks (chunk_size = block_size), so the chunk-end states are the block
+        # boundaries: block n starts from the state after block n-1.
+        first = ssm_state if ssm_state is not None else states.new_zeros(states[:, 0].shape)
+        inits = torch.cat([first.float()[:, None], states[:, :-1]], dim=1)
+        return y, rows[:, length:], states[:, -1], (rows[:, idx], inits)
 
 
 class DenoiserTower(nn.Module):
@@ -248,6 +261,7 @@ class DenoiserTower(nn.Module):
             ssm_state=init,
             chunk_size=block_size,
             docs=docs,
+            return_states=False,
         )
         if self.mamba_bidirectional:
             # Right-to-left pass over the block with the same weights, from zero conv/SSM
@@ -272,6 +286,7 @@ class DenoiserTower(nn.Module):
                 ssm_state=None,
                 chunk_size=block_size,
                 docs=rdocs,
+                return_states=False,
             )
             y = 0.5 * (y + y_rev.flip(1))
         return y.reshape(batch, length, dim)

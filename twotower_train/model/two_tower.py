@@ -182,7 +182,9 @@ class TwoTowerModel(nn.Module):
             attn_mask=mask,
             conv_windows=ctx_out.conv_windows,
             ssm_init=ctx_out.ssm_init,
-            docs=self._block_docs(doc_ids, length) if doc_ids is not None else None,
+            docs=self._block_docs(doc_ids, length)
+            if doc_ids is not None and ctx_out.ssm_init
+            else None,
         )
         positions = torch.arange(length, device=noisy_ids.device)[None]
         t_tok = None if t is None else expand_timesteps(t, batch, length, bs)
