@@ -94,6 +94,62 @@ class DataConfig:
     val_sequences: int = 64
 
 
+class NoiseSchedule(str, Enum):
+    linear = "linear"
+    cosine = "cosine"
+
+
+class TimePer(str, Enum):
+    example = "example"
+    block = "block"
+
+
+class CEWeighting(str, Enum):
+    none = "none"  # mean CE over masked tokens (as the 30B release trains)
+    elbo = "elbo"  # MDLM 1/t weight: a bound on the NLL
+
+
+class KDDirection(str, Enum):
+    forward = "forward"  # KL(teacher || student)
+    reverse = "reverse"  # KL(student || teacher)
+
+
+class KDTimeWeighting(str, Enum):
+    none = "none"
+    t = "t"
+    one_minus_t = "1-t"
+
+
+@dataclass
+class DenoiserConfig:
+    block_size: int = 16
+    layers: int | None = None  # null = all backbone layers; k = the top k
+    tie_head: bool = False
+    mamba_bidirectional: bool = False
+    time_conditioning: bool = False  # adaLN-single
+    attn_impl: str = "sdpa"  # sdpa | flex
+    # Context-tower weights dtype (null = as the engine holds the model).
+    context_dtype: DType | None = None
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: NoiseSchedule = NoiseSchedule.linear
+    t_per: TimePer = TimePer.block
+    eps: float = 1e-3
+    antithetic: bool = True
+    mask_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    weighting: CEWeighting = CEWeighting.none
+
+
+@dataclass
+class DistillConfig:
+    weight: float = 0.0  # total = CE + weight x KD
+    temperature: float = 1.0
+    direction: KDDirection = KDDirection.forward
+    t_weighting: KDTimeWeighting = KDTimeWeighting.none
+
+
 @dataclass
 class TrainConfig:
     objective: Objective = Objective.ar
@@ -166,6 +222,9 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -266,6 +325,20 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {cfg.optim.min_lr_ratio}")
+    d = cfg.denoiser
+    if d.block_size < 1 or cfg.data.seq_len % d.block_size:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} must be a multiple of denoiser.block_size={d.block_size}"
+        )
+    if d.attn_impl not in ("sdpa", "flex"):
+        raise ConfigError(f"denoiser.attn_impl must be sdpa or flex, got {d.attn_impl}")
+    lo_hi = cfg.diffusion.mask_range
+    if len(lo_hi) != 2 or not 0.0 <= lo_hi[0] < lo_hi[1] <= 1.0:
+        raise ConfigError(f"diffusion.mask_range must be [lo, hi] with 0 <= lo < hi <= 1, got {lo_hi}")
+    if not 0.0 < cfg.diffusion.eps < 1.0:
+        raise ConfigError(f"diffusion.eps must be in (0, 1), got {cfg.diffusion.eps}")
+    if cfg.distill.weight < 0 or cfg.distill.temperature <= 0:
+        raise ConfigError("distill.weight must be >= 0 and distill.temperature > 0")
     if cfg.backbone.init == InitMode.scratch and "model_type" not in cfg.backbone.config:
         raise ConfigError("backbone.init=scratch needs backbone.config.model_type")
 

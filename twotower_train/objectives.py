@@ -10,6 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from twotower_train.config import Config
+from twotower_train.diffusion import (
+    diffusion_ce,
+    distillation_kl,
+    expand_blocks,
+    mask_tokens,
+    sample_t,
+    shift_teacher_logits,
+)
+
 
 class CausalLMObjective(nn.Module):
     """Next-token cross-entropy, for pretraining or fine-tuning an AR backbone."""
@@ -18,13 +28,95 @@ class CausalLMObjective(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """input_ids [B, L] -> {"loss": mean next-token CE over B x (L-1) positions}."""
-        logits = self.model(input_ids=input_ids).logits  # [B, L, V]
-        loss = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="mean"
-        )
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """input_ids [B, L] -> {"loss": mean next-token CE over positions with loss}."""
+        ids = batch["input_ids"]
+        logits = self.model(input_ids=ids).logits  # [B, L, V]
+        targets = ids[:, 1:].masked_fill(~batch["loss_mask"][:, 1:], -100)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten())
         return {"loss": loss}
 
-    def hf_model(self) -> nn.Module:
-        return self.model
+
+class TwoTowerObjective(nn.Module):
+    """Block-diffusion CE on masked positions + KL distillation from the context tower.
+
+    One forward: sample t per block, corrupt the clean sequence (absorbing [MASK],
+    prompts never masked), run both towers once, and compare the denoiser at masked
+    positions with the targets (CE) and with the AR teacher's shifted next-token
+    distribution (KD). Noise comes from torch's global RNG, which checkpoints restore.
+    """
+
+    def __init__(self, model: nn.Module, cfg: Config):
+        super().__init__()
+        self.model = model
+        self.block_size = cfg.denoiser.block_size
+        self.mask_id = model.config.mask_token_id
+        self.diffusion = cfg.diffusion
+        self.distill = cfg.distill
+        self.time_conditioning = cfg.denoiser.time_conditioning
+        self.doc_mask = getattr(cfg.data, "doc_mask", False)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        ids, loss_mask = batch["input_ids"], batch["loss_mask"]
+        b, length = ids.shape
+        d = self.diffusion
+        t = sample_t(
+            b,
+            length // self.block_size,
+            per=d.t_per.value,
+            eps=d.eps,
+            antithetic=d.antithetic,
+            device=ids.device,
+        )
+        noisy, masked, _ = mask_tokens(
+            ids,
+            t,
+            block_size=self.block_size,
+            mask_id=self.mask_id,
+            schedule=d.schedule.value,
+            mask_range=tuple(d.mask_range),
+            loss_mask=loss_mask,
+        )
+        logits, context_logits = self.model.forward_train(
+            ids,
+            noisy,
+            t=t if self.time_conditioning else None,
+            doc_ids=batch.get("doc_ids") if self.doc_mask else None,
+        )
+        t_tok = expand_blocks(t, self.block_size)
+        ce = diffusion_ce(
+            logits,
+            ids,
+            masked,
+            t_tok=t_tok,
+            weighting=d.weighting.value,
+            schedule=d.schedule.value,
+            num_loss_tokens=loss_mask.sum(),
+        )
+        out = {"ce": ce.detach()}
+        loss = ce
+        if self.distill.weight > 0:
+            teacher, valid = shift_teacher_logits(context_logits)
+            kd = distillation_kl(
+                logits,
+                teacher,
+                masked & valid,
+                temperature=self.distill.temperature,
+                direction=self.distill.direction.value,
+                t_tok=t_tok,
+                t_weighting=self.distill.t_weighting.value,
+            )
+            loss = ce + self.distill.weight * kd
+            out["kd"] = kd.detach()
+        with torch.no_grad():
+            n_masked = masked.sum().clamp(min=1)
+            correct = (logits.argmax(-1) == ids) & masked
+            out["masked_acc"] = correct.sum().float() / n_masked
+            # Plain mean CE over masked tokens, whatever the training weighting.
+            out["masked_ce"] = (
+                diffusion_ce(logits, ids, masked, weighting="none").detach()
+                if d.weighting.value != "none"
+                else ce.detach()
+            )
+        out["loss"] = loss
+        return out

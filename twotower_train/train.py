@@ -14,8 +14,7 @@ import torch
 
 from twotower_train.backbones import load_backbone, load_tokenizer
 from twotower_train.config import Config, DType, Objective, batch_arithmetic, to_yaml
-from twotower_train.data.packing import BatchOrder
-from twotower_train.data.sources import build_token_data
+from twotower_train.data.loader import build_loader
 from twotower_train.engine.checkpoint import CheckpointManager
 from twotower_train.engine.deepspeed_engine import build_engine, trainable_state_dict
 from twotower_train.engine.distributed import (
@@ -26,7 +25,8 @@ from twotower_train.engine.distributed import (
     init_distributed,
 )
 from twotower_train.metrics import MetricsLogger, info
-from twotower_train.objectives import CausalLMObjective
+from twotower_train.model import TwoTowerModel
+from twotower_train.objectives import CausalLMObjective, TwoTowerObjective
 
 
 class PreemptionFlag:
@@ -41,10 +41,31 @@ class PreemptionFlag:
         self.raised = signal.Signals(signum).name
 
 
+DTYPES = {DType.bf16: torch.bfloat16, DType.fp32: torch.float32}
+
+
+def build_two_tower(cfg: Config, backbone, tokenizer) -> TwoTowerModel:
+    """The two-tower model of a backbone, as the `denoiser` config section describes it."""
+    if tokenizer.mask_token_id is None:
+        raise ValueError("the tokenizer has no mask token; the denoiser needs one for [MASK]")
+    d = cfg.denoiser
+    return TwoTowerModel.from_backbone(
+        backbone,
+        block_size=d.block_size,
+        mask_token_id=tokenizer.mask_token_id,
+        denoiser_layers=d.layers,
+        tie_denoiser_head=d.tie_head,
+        mamba_bidirectional=d.mamba_bidirectional,
+        time_conditioning=d.time_conditioning,
+        context_dtype=DTYPES[d.context_dtype] if d.context_dtype else None,
+        attn_impl=d.attn_impl,
+    )
+
+
 def build_objective(cfg: Config, backbone, tokenizer) -> torch.nn.Module:
     if cfg.train.objective == Objective.ar:
         return CausalLMObjective(backbone)
-    raise ValueError(f"train.objective={cfg.train.objective.value} is not available yet")
+    return TwoTowerObjective(build_two_tower(cfg, backbone, tokenizer), cfg)
 
 
 def _memory_gib(device: torch.device) -> float:
@@ -62,21 +83,22 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 @torch.no_grad()
-def validation_loss(engine, rows, cfg: Config, env, device) -> float | None:
-    """Mean loss over held-out rows; every rank runs the same number of forwards."""
-    n = min(len(rows), cfg.data.val_sequences)
-    per_rank = n // env.world_size
-    if per_rank == 0:
-        return None
-    mine = rows[env.rank * per_rank : (env.rank + 1) * per_rank]
+def validation_metrics(engine, loader, cfg: Config, device) -> dict[str, float]:
+    """Objective metrics on held-out rows, with fixed noise (same masks every time)."""
+    batches = loader.validation_batches(cfg.data.val_sequences, cfg.train.micro_batch_size)
+    if not batches:
+        return {}
     engine.eval()
-    total, count = 0.0, 0
-    for i in range(0, per_rank, cfg.train.micro_batch_size):
-        batch = torch.from_numpy(mine[i : i + cfg.train.micro_batch_size]).long().to(device)
-        total += engine(batch)["loss"].float().item() * len(batch)
-        count += len(batch)
+    sums: dict[str, float] = {}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.run.seed + 7)
+        for batch in batches:
+            out = engine({k: v.to(device) for k, v in batch.items()})
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + v.float().item() / len(batches)
     engine.train()
-    return all_reduce_mean([total / count], device)[0]
+    keys = sorted(sums)
+    return dict(zip([f"val_{k}" for k in keys], all_reduce_mean([sums[k] for k in keys], device)))
 
 
 def snapshot_backbone(engine, template):
@@ -119,12 +141,16 @@ def train(cfg: Config) -> dict[str, float]:
     engine, _, scheduler = build_engine(module.to(device), cfg, grad_accum, env.world_size)
     torch.manual_seed(cfg.run.seed + 1000 * env.rank)  # per-rank noise from here on
 
-    data = build_token_data(cfg.data, tokenizer, is_main=env.is_main)
-    order = BatchOrder(
-        len(data.train), cfg.run.seed, cfg.train.micro_batch_size, env.rank, env.world_size
+    loader = build_loader(
+        cfg.data,
+        tokenizer,
+        seed=cfg.run.seed,
+        micro_batch_size=cfg.train.micro_batch_size,
+        rank=env.rank,
+        world_size=env.world_size,
     )
     ckpt = CheckpointManager(run_dir / "checkpoints", env, cfg.train.keep_last)
-    step, position = 0, 0
+    step = 0
     tag = ckpt.latest_tag() if cfg.run.resume else None
     if tag is not None:
         state = ckpt.load(engine, tag)
@@ -133,15 +159,16 @@ def train(cfg: Config) -> dict[str, float]:
                 f"checkpoint {tag} was trained with global batch {state['global_batch_size']}, "
                 f"this run has {global_batch}"
             )
-        step, position = state["step"], state["samples_consumed"]
+        step = state["step"]
+        loader.load_state_dict(state["data"])
     logger = MetricsLogger(cfg, run_dir, enabled=env.is_main)
     if env.is_main:
         _truncate_metrics(run_dir / "metrics.jsonl", step)
         info(
-            f"{cfg.recipe}: {env.launcher} x{env.world_size} on {device.type}, "
-            f"ZeRO-{cfg.deepspeed.stage} {cfg.precision.dtype.value}, {n_train / 1e6:.2f}M of "
-            f"{n_all / 1e6:.2f}M params trainable, {len(data.train):,} sequences x "
-            f"{cfg.data.seq_len}, global batch {global_batch} "
+            f"{cfg.recipe}: {cfg.train.objective.value} objective, {env.launcher} "
+            f"x{env.world_size} on {device.type}, ZeRO-{cfg.deepspeed.stage} "
+            f"{cfg.precision.dtype.value}, {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M params "
+            f"trainable, seq_len {cfg.data.seq_len}, global batch {global_batch} "
             f"({cfg.train.micro_batch_size} x {grad_accum} x {env.world_size})"
             + (f", resumed at step {step}" if tag else "")
         )
@@ -149,63 +176,59 @@ def train(cfg: Config) -> dict[str, float]:
     preempt = PreemptionFlag()
     tokens_per_step = global_batch * cfg.data.seq_len
     start_step, t_start = step, time.perf_counter()
-    window = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "steps": 0}
+    sums: dict[str, float] = {}
+    window_t0, window_steps = time.perf_counter(), 0
     final: dict[str, float] = {}
     engine.train()
     while step < cfg.train.steps:
         for _ in range(grad_accum):
-            rows = order.indices(position)
-            position += order.samples_per_micro_step
-            batch = torch.from_numpy(data.train[rows]).long().to(device)
+            batch = {k: v.to(device, non_blocking=True) for k, v in loader.next_batch().items()}
             out = engine(batch)
             engine.backward(out["loss"])
             engine.step()
-            window["loss"] += out["loss"].detach().float().item()
-            window["n"] += 1
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float().item() / grad_accum
         step += 1
-        window["steps"] += 1
+        window_steps += 1
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            elapsed = time.perf_counter() - window["t0"]
-            (loss,) = all_reduce_mean([window["loss"] / window["n"]], device)
+            elapsed = time.perf_counter() - window_t0
+            keys = sorted(sums)
+            avg = dict(zip(keys, all_reduce_mean([sums[k] / window_steps for k in keys], device)))
             grad_norm = engine.get_global_grad_norm()
-            rate = window["steps"] * tokens_per_step / elapsed
             sec_per_step = (time.perf_counter() - t_start) / (step - start_step)
             metrics = {
-                "loss": loss,
+                **avg,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "lr": scheduler.get_last_lr()[0],
-                "tokens_per_s": rate,
+                "tokens_per_s": window_steps * tokens_per_step / elapsed,
                 "tokens": step * tokens_per_step,
                 "eta_s": sec_per_step * (cfg.train.steps - step),
                 "mem_gib": _memory_gib(device),
             }
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {step}")
+            if not math.isfinite(avg["loss"]):
+                raise FloatingPointError(f"loss is {avg['loss']} at step {step}")
             logger.log(step, metrics)
-            final.update(loss=loss)
-            window = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "steps": 0}
+            final.update(loss=avg["loss"])
+            sums, window_t0, window_steps = {}, time.perf_counter(), 0
 
         eval_due = cfg.train.eval_every and step % cfg.train.eval_every == 0
         if eval_due or (step == cfg.train.steps and cfg.train.eval_at_end):
-            evals = {"val_loss": validation_loss(engine, data.val, cfg, env, device)}
+            evals = validation_metrics(engine, loader, cfg, device)
             if cfg.data.source == "tiny_world" and template is not None:
                 model = snapshot_backbone(engine, template)
                 if env.is_main:
                     evals.update(task_metrics(model, tokenizer, device))
                 del model
             logger.log(step, evals)
-            final.update({k: v for k, v in evals.items() if v is not None})
-            window["t0"] = time.perf_counter()
+            final.update(evals)
+            window_t0 = time.perf_counter()
 
         stop = any_rank(preempt.raised is not None, device)
         halt = cfg.train.stop_after and step - start_step >= cfg.train.stop_after
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or stop:
-            ckpt.save(
-                engine,
-                step,
-                {"samples_consumed": position, "global_batch_size": global_batch},
-            )
+            state = {"global_batch_size": global_batch, "data": loader.state_dict()}
+            ckpt.save(engine, step, state)
         if stop:
             if env.is_main:
                 info(f"{preempt.raised or 'signal'}: checkpoint saved at step {step}, exiting")
