@@ -39,12 +39,18 @@ def dependency(fn, clean, noisy, which):
     return diff >= CHANGED
 
 
-def expected(length, block, docs=None):
-    blk = torch.arange(length) // block
+def expected(length, block, docs=None, shift=True):
+    """With ``shift`` (the default model), output i is read from position i - 1: the
+    denoiser's inside a block, the context tower's at a block's first position."""
+    pos = torch.arange(length)
+    blk = pos // block
     clean_dep = blk[None, :] > blk[:, None]  # clean p -> outputs of later blocks
     noisy_dep = blk[None, :] == blk[:, None]  # noisy p -> outputs of its own block
+    src = (pos - 1).clamp(min=0) if shift else pos
+    if shift:
+        noisy_dep[:, pos % block == 0] = False  # block starts read the clean prefix only
     if docs is not None:
-        same = docs[:, None] == docs[None, :]
+        same = docs[:, None] == docs[src][None, :]
         clean_dep, noisy_dep = clean_dep & same, noisy_dep & same
     return clean_dep, noisy_dep
 
@@ -108,3 +114,19 @@ def test_context_tower_documents(family):
             alone = model.backbone(clean[:, span]).logits.float()
             err = (logits[:, span] - alone).abs().max()
             assert err <= 1e-5 * alone.abs().max(), err
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unshifted_pattern_and_shifted_block_starts(family):
+    clean, noisy = inputs()
+    plain = build(family, shift_logits=False)
+    want_clean, want_noisy = expected(LENGTH, BLOCK, shift=False)
+    with torch.no_grad():
+        assert torch.equal(dependency(plain, clean, noisy, "clean"), want_clean)
+        assert torch.equal(dependency(plain, clean, noisy, "noisy"), want_noisy)
+        shifted = build(family)
+        out = shifted(clean, noisy)
+        ctx = shifted.context_logits(clean)
+        for start in range(BLOCK, LENGTH, BLOCK):  # block starts = the AR teacher's prediction
+            torch.testing.assert_close(out[:, start], ctx[:, start - 1], rtol=1e-5, atol=1e-5)
+        assert torch.equal(out[:, 0], torch.zeros_like(out[:, 0]))

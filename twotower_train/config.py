@@ -85,13 +85,86 @@ class BackboneConfig:
     tokenizer: str | None = None
 
 
+class DataSource(str, Enum):
+    tiny_world = "tiny_world"  # the shipped corpus (no `data.sources`)
+    mixture = "mixture"  # the list `data.sources`, mixed by weight
+
+
+class SourceKind(str, Enum):
+    tiny_world = "tiny_world"  # the shipped corpus as one entry of a mixture
+    hub = "hub"  # `datasets` hub id, or a local folder (load_dataset / save_to_disk)
+    text = "text"  # plain text files
+    jsonl = "jsonl"  # one JSON object per line (.jsonl, .jsonl.gz)
+    parquet = "parquet"
+
+
+class TextUnit(str, Enum):
+    paragraph = "paragraph"  # blank-line separated
+    line = "line"
+    file = "file"
+
+
+class BadDocumentPolicy(str, Enum):
+    error = "error"  # stop with file:line
+    skip = "skip"  # skip it, counted in the log
+
+
+@dataclass
+class DataSourceConfig:
+    kind: SourceKind = SourceKind.jsonl
+    # File, folder or glob (text/jsonl/parquet); hub id or local dataset folder (hub).
+    path: str = ""
+    name: str | None = None  # hub: dataset config name
+    split: str = "train"  # hub: split
+    revision: str | None = None  # hub: branch, tag or commit
+    field: str = "text"  # jsonl/parquet/hub: the column holding the document
+    # SFT: both set = prompt + completion per record; prompt tokens carry no loss.
+    prompt_field: str | None = None
+    completion_field: str | None = None
+    weight: float = 1.0  # share of training tokens (normalised over sources)
+    text_unit: TextUnit = TextUnit.paragraph  # text: what one document is
+
+    def __post_init__(self) -> None:
+        if self.weight <= 0:
+            raise ConfigError(f"data.sources: weight must be > 0, got {self.weight}")
+        if (self.prompt_field is None) != (self.completion_field is None):
+            raise ConfigError("data.sources: set both prompt_field and completion_field, or neither")
+        if self.kind == SourceKind.text and self.prompt_field is not None:
+            raise ConfigError("data.sources: kind=text has no fields; SFT needs jsonl/parquet/hub")
+        if self.kind != SourceKind.tiny_world and not self.path:
+            raise ConfigError(f"data.sources: kind={self.kind.value} needs a path")
+
+
 @dataclass
 class DataConfig:
-    # `tiny_world`: the shipped corpus. (Real corpora: see docs/data.md.)
-    source: str = "tiny_world"
-    seq_len: int = 256
-    # Held-out sequences for the validation loss (0 = none).
+    # `tiny_world`: the shipped corpus; `mixture`: `sources` below. See docs/data.md.
+    source: DataSource = DataSource.tiny_world
+    sources: list[DataSourceConfig] = field(default_factory=list)
+    seq_len: int = 256  # a multiple of denoiser.block_size
+    # Held-out sequences for the validation loss (0 = none); for `mixture`, the first
+    # documents of each source (by weight), never trained on.
     val_sequences: int = 64
+    # Read and tokenise while training (no cache) instead of tokenising once into a cache.
+    streaming: bool = False
+    # Streaming: documents are shuffled within windows of this many.
+    shuffle_window: int = 8192
+    # No attention across document boundaries in either tower.
+    doc_mask: bool = True
+    on_bad_document: BadDocumentPolicy = BadDocumentPolicy.error
+    # Documents with fewer tokens are bad documents (e.g. denoiser.block_size).
+    min_doc_tokens: int = 1
+    # Tokenised-data cache; null = $TWOTOWER_CACHE or ~/.cache/twotower_train.
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.source == DataSource.mixture and not self.sources:
+            raise ConfigError("data.source=mixture needs at least one entry in data.sources")
+        if self.source == DataSource.tiny_world and self.sources:
+            raise ConfigError("data.sources is set but data.source=tiny_world; set data.source=mixture")
+        if self.val_sequences < 0 or self.min_doc_tokens < 0 or self.shuffle_window < 1:
+            raise ConfigError(
+                "data.val_sequences and data.min_doc_tokens must be >= 0, data.shuffle_window >= 1"
+            )
 
 
 class NoiseSchedule(str, Enum):
@@ -128,6 +201,9 @@ class DenoiserConfig:
     mamba_bidirectional: bool = False
     time_conditioning: bool = False  # adaLN-single
     attn_impl: str = "sdpa"  # sdpa | flex
+    # Read position p's prediction from output p-1 (the backbone's next-token habit);
+    # a block's first position takes the context tower's prediction.
+    shift_logits: bool = True
     # Context-tower weights dtype (null = as the engine holds the model).
     context_dtype: DType | None = None
 

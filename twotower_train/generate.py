@@ -79,7 +79,7 @@ class GenerationStats:
 
     ``denoiser_forwards``: denoiser passes; ``context_forwards``: context-tower passes
     (prompt prefill, then one per committed block or, for AR, one per token);
-    ``new_tokens``: generated tokens returned (EOS not counted);
+    ``new_tokens``: decoded tokens (those returned, plus the EOS that ended a sequence);
     ``tokens_per_forward``: new tokens per denoiser forward (AR: per context forward);
     ``denoiser_calls`` / ``context_calls``: batched model invocations.
     """
@@ -328,7 +328,7 @@ def _decode_group(
         for j, (row, new) in enumerate(zip(rows, block[:, :width].tolist())):
             new, ended = _cut_at_eos(new, stop_id)
             outputs[row].extend(new)
-            stats.new_tokens += len(new)
+            stats.new_tokens += len(new) + int(ended)  # the EOS was decoded too
             if not ended:
                 keep.append(j)
         if produced >= cfg.max_new_tokens or not keep:
@@ -377,10 +377,10 @@ def ar_generate(
             )
             keep = []
             for j, (row, tok) in enumerate(zip(rows, ids.tolist())):
+                stats.new_tokens += 1  # an EOS was decoded too
                 if stop_id is not None and tok == stop_id:
                     continue
                 outputs[row].append(tok)
-                stats.new_tokens += 1
                 keep.append(j)
             if not keep or n + 1 == cfg.max_new_tokens:
                 break

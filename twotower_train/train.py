@@ -59,6 +59,7 @@ def build_two_tower(cfg: Config, backbone, tokenizer) -> TwoTowerModel:
         time_conditioning=d.time_conditioning,
         context_dtype=DTYPES[d.context_dtype] if d.context_dtype else None,
         attn_impl=d.attn_impl,
+        shift_logits=d.shift_logits,
     )
 
 

@@ -30,6 +30,9 @@ class ContextCache:
     values: dict[int, torch.Tensor] = field(default_factory=dict)
     conv: dict[int, torch.Tensor] = field(default_factory=dict)
     ssm: dict[int, torch.Tensor] = field(default_factory=dict)
+    # The context tower's logits at the last cached position ``[B, V]``: its prediction of
+    # the next token, which a shifted denoiser uses for the first position of a block.
+    last_logits: torch.Tensor | None = None
 
     def select(self, index: torch.Tensor) -> ContextCache:
         """The cache of a subset / reordering of the batch (``index [B']``)."""
@@ -37,8 +40,9 @@ class ContextCache:
         def pick(d: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
             return {k: v.index_select(0, index.to(v.device)) for k, v in d.items()}
 
+        last = None if self.last_logits is None else self.last_logits.index_select(0, index)
         return ContextCache(
-            self.length, pick(self.keys), pick(self.values), pick(self.conv), pick(self.ssm)
+            self.length, pick(self.keys), pick(self.values), pick(self.conv), pick(self.ssm), last
         )
 
 

@@ -33,6 +33,7 @@ class TwoTowerConfig:
     time_conditioning: bool = False
     context_dtype: str | None = None
     attn_impl: str = "sdpa"
+    shift_logits: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,12 +67,19 @@ class TwoTowerModel(nn.Module):
         time_conditioning: bool = False,
         context_dtype: torch.dtype | None = None,
         attn_impl: str = "sdpa",
+        shift_logits: bool = True,
     ) -> TwoTowerModel:
         """Build from an HF causal LM (Llama, Qwen2, Qwen3, Nemotron-H).
 
         The denoiser is deep-copied from ``backbone`` first (in its current dtype); then
         ``backbone`` itself -- modified in place -- becomes the frozen context tower, cast to
         ``context_dtype`` if given. ``denoiser_layers=k`` copies only the top k layers.
+
+        ``shift_logits=True`` keeps the backbone's next-token reading of its outputs: the
+        prediction for position p is the denoiser's output at p - 1 inside the block, and
+        for a block's first position the context tower's own next-token logits at the end
+        of the clean prefix (uniform for position 0). The copied LM head then starts out
+        predicting the right tokens instead of their successors.
         """
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -105,6 +113,7 @@ class TwoTowerModel(nn.Module):
             if context_dtype is None
             else str(context_dtype).replace("torch.", ""),
             attn_impl=attn_impl,
+            shift_logits=shift_logits,
         )
         return cls(context, denoiser, config)
 
@@ -188,7 +197,14 @@ class TwoTowerModel(nn.Module):
         )
         positions = torch.arange(length, device=noisy_ids.device)[None]
         t_tok = None if t is None else expand_timesteps(t, batch, length, bs)
-        return self.denoiser(noisy_ids, ctx, positions=positions, block_size=bs, t=t_tok)
+        logits = self.denoiser(noisy_ids, ctx, positions=positions, block_size=bs, t=t_tok)
+        if not self.config.shift_logits:
+            return logits
+        # Block n's first position reads the context tower at position n*bs - 1.
+        ctx_prev = ctx_out.logits[:, bs - 1 : length - 1 : bs].to(logits.dtype)  # [B, nb-1, V]
+        firsts = torch.cat([torch.zeros_like(logits[:, :1]), ctx_prev], dim=1)  # [B, nb, V]
+        within = logits.view(batch, length // bs, bs, -1)[:, :, :-1]  # outputs at p-1
+        return torch.cat([firsts[:, :, None], within], dim=2).view_as(logits)
 
     def _use_flex(self, device: torch.device) -> bool:
         """FlexAttention where it runs: CUDA (compiled), or CPU without autograd (eager; torch
@@ -224,6 +240,7 @@ class TwoTowerModel(nn.Module):
         """Run the context tower on a new chunk ``ids [B, T]`` (any T) after ``cache``.
         Returns the extended cache (a new object) and the chunk's logits ``[B, T, V]``."""
         out = self.context(ids, cache, block_size=self.block_size)
+        out.cache.last_logits = out.logits[:, -1]
         return out.cache, out.logits
 
     def denoise_block(
@@ -239,13 +256,20 @@ class TwoTowerModel(nn.Module):
         device = noisy_block_ids.device
         positions = torch.arange(cache.length, cache.length + bs, device=device)[None]
         t_tok = None if t is None else expand_timesteps(t, batch, bs, bs)
-        return self.denoiser(
+        logits = self.denoiser(
             noisy_block_ids,
             DenoiserContext.from_cache(cache),
             positions=positions,
             block_size=bs,
             t=t_tok,
         )
+        if not self.config.shift_logits:
+            return logits
+        if cache.last_logits is None:
+            first = torch.zeros_like(logits[:, :1])
+        else:
+            first = cache.last_logits[:, None].to(logits.dtype)
+        return torch.cat([first, logits[:, :-1]], dim=1)
 
     @torch.no_grad()
     def reference_forward(

@@ -1,0 +1,296 @@
+"""The retained-performance harness: the same tasks for the backbone (AR decoding through the
+context tower) and the two-tower model (block-diffusion decoding), side by side.
+
+    from twotower_train.eval.harness import EvalConfig, evaluate
+    report = evaluate(model, tokenizer, EvalConfig(max_examples_per_task=50), run_dir / "eval")
+    report["retained"], report["tokens_per_forward"], report["speedup_vs_ar"]
+
+Smoke run on a shipped backbone with an untrained denoiser (numbers mean nothing)::
+
+    python -m twotower_train.eval.harness --backbone tiny_llama --out runs/eval_smoke \
+        --max-examples 8
+
+What each task measures and how: docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from twotower_train.eval import likelihood, tasks
+from twotower_train.eval.report import TaskScore, build_report, log_report, write_report
+from twotower_train.generate import (
+    DecodeConfig,
+    GenerationStats,
+    ar_generate,
+    diffusion_generate,
+)
+from twotower_train.model import TwoTowerModel
+
+
+@dataclass
+class EvalConfig:
+    """Mirrored by the ``eval:`` section of the Hydra schema (simple types only)."""
+
+    tasks: list[str] = field(default_factory=lambda: list(tasks.DEFAULT_TASKS))
+    max_examples_per_task: int = 200  # also the number of perplexity rows
+    threshold: float = 0.8  # main confidence threshold of diffusion decoding
+    steps_per_block: int | None = None  # null = block size
+    max_new_tokens: int = 24
+    threshold_sweep: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95])
+    elbo_samples: int = 4
+    seed: int = 0
+    batch_size: int = 32
+    speed_examples: int = 32  # prompts decoded at batch 1 for tokens/s (0 = skip)
+    perplexity_seq_len: int = 128  # rounded up to a multiple of the block size
+    elbo_schedule: str = "linear"  # only matters for a time-conditioned denoiser
+
+
+def _decode_cfg(cfg: EvalConfig, threshold: float, batch_size: int) -> DecodeConfig:
+    return DecodeConfig(
+        threshold=threshold,
+        steps_per_block=cfg.steps_per_block,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=batch_size,
+    )
+
+
+def _exact_match_by_task(tokenizer, examples, prompt_ids, outputs) -> dict[str, float]:
+    hits: dict[str, list[int]] = {}
+    for ex, p, o in zip(examples, prompt_ids, outputs):
+        text = tasks.continuation_text(tokenizer, p, o)
+        hits.setdefault(ex["task"], []).append(int(tasks.exact_match(text, ex["answer"])))
+    return {t: sum(h) / len(h) for t, h in hits.items()}
+
+
+def _generation(model, tokenizer, cfg: EvalConfig, names: list[str]):
+    """Exact match per task for both towers, the threshold sweep, and the prompts used."""
+    examples = [ex for n in names for ex in tasks.generation_examples(n, cfg.max_examples_per_task)]
+    prompt_ids = [tokenizer.encode(ex["prompt"], add_special_tokens=False) for ex in examples]
+    eos = tokenizer.eos_token_id
+    ar_out, _ = ar_generate(model, prompt_ids, _decode_cfg(cfg, cfg.threshold, cfg.batch_size), eos)
+    backbone = _exact_match_by_task(tokenizer, examples, prompt_ids, ar_out)
+    runs: dict[float, tuple[dict[str, float], GenerationStats]] = {}
+    for th in [cfg.threshold, *cfg.threshold_sweep]:
+        if th in runs:
+            continue
+        out, stats = diffusion_generate(
+            model, prompt_ids, _decode_cfg(cfg, th, cfg.batch_size), eos
+        )
+        runs[th] = (_exact_match_by_task(tokenizer, examples, prompt_ids, out), stats)
+    return backbone, runs, examples, prompt_ids
+
+
+def _perplexity(model, tokenizer, cfg: EvalConfig) -> TaskScore:
+    bs = model.block_size
+    seq_len = -(-cfg.perplexity_seq_len // bs) * bs
+    rows = tasks.perplexity_rows(tokenizer, seq_len, cfg.max_examples_per_task)
+    nll, n_tok = likelihood.ar_nll(model, rows, cfg.batch_size)
+    bound, per_sample = likelihood.diffusion_elbo(
+        model,
+        rows,
+        samples=cfg.elbo_samples,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        schedule=cfg.elbo_schedule,
+    )
+    ar_nll = nll / n_tok
+    return TaskScore(
+        tasks.PERPLEXITY,
+        "perplexity (two-tower: ELBO bound)",
+        float(torch.tensor(ar_nll).exp()),
+        float(torch.tensor(bound).exp()),
+        higher_is_better=False,
+        n=len(rows),
+        extra={
+            "backbone_nll_per_token": ar_nll,
+            "twotower_elbo_per_token": bound,
+            "twotower_elbo_samples": per_sample,
+            "tokens": n_tok,
+        },
+    )
+
+
+def _multiple_choice(model, tokenizer, cfg: EvalConfig) -> TaskScore:
+    items = tasks.mc_examples(cfg.max_examples_per_task)
+    requests = [
+        tasks.split_continuation(tokenizer, item["prompt"], choice)
+        for item in items
+        for choice in item["choices"]
+    ]
+    accs = {}
+    for tower, fn in (
+        ("backbone", likelihood.ar_loglikelihood),
+        ("twotower", likelihood.denoiser_loglikelihood),
+    ):
+        scores = iter(fn(model, requests, cfg.batch_size))
+        correct = 0
+        for item in items:
+            lps = [next(scores)[0] for _ in item["choices"]]
+            correct += max(range(len(lps)), key=lps.__getitem__) == item["label"]
+        accs[tower] = correct / len(items)
+    return TaskScore(
+        tasks.MC_TASK, "acc (loglikelihood)", accs["backbone"], accs["twotower"], n=len(items)
+    )
+
+
+def _speed(model, prompt_ids: list[list[int]], cfg: EvalConfig, eos: int) -> dict | None:
+    """tokens/s of both decoders at batch 1 on the same prompts, interleaved (same machine
+    state for both), after one warm-up call each."""
+    prompts = prompt_ids[: cfg.speed_examples]
+    if not prompts:
+        return None
+    dcfg = _decode_cfg(cfg, cfg.threshold, 1)
+    ar_generate(model, prompts[:1], dcfg, eos)
+    diffusion_generate(model, prompts[:1], dcfg, eos)
+    ar_stats, dif_stats = [], []
+    for p in prompts:
+        ar_stats.append(ar_generate(model, [p], dcfg, eos)[1])
+        dif_stats.append(diffusion_generate(model, [p], dcfg, eos)[1])
+    return {
+        "examples": len(prompts),
+        "device": str(next(model.parameters()).device),
+        "ar": GenerationStats.combine(ar_stats, ar=True).to_dict(),
+        "diffusion": GenerationStats.combine(dif_stats).to_dict(),
+    }
+
+
+def _interleave(examples: list[dict], prompt_ids: list[list[int]]) -> list[list[int]]:
+    """Prompts taken round-robin over tasks, so a short speed subset covers every task."""
+    per: dict[str, list[list[int]]] = {}
+    for ex, p in zip(examples, prompt_ids):
+        per.setdefault(ex["task"], []).append(p)
+    lists = list(per.values())
+    longest = max((len(x) for x in lists), default=0)
+    return [x[i] for i in range(longest) for x in lists if i < len(x)]
+
+
+@torch.no_grad()
+def evaluate(
+    model: TwoTowerModel,
+    tokenizer,
+    cfg: EvalConfig,
+    out_dir: Path,
+    logger=None,
+    step: int | None = None,
+) -> dict:
+    """Score ``cfg.tasks`` for both towers; write ``report.json``, ``report.md`` and the
+    sweep plot into ``out_dir``; log the summary through ``logger`` (``.log(step, dict)``,
+    and W&B if ``logger.wandb``). Returns the report dict. Single process: call it on one
+    rank with a plain (non-DeepSpeed) model."""
+    tasks.check_tasks(cfg.tasks)
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token; decoding needs one to stop")
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        scores: list[TaskScore] = []
+        gen_names = [n for n in cfg.tasks if n in tasks.GENERATION_TASKS]
+        runs, speed = {}, None
+        if gen_names:
+            backbone, runs, examples, prompt_ids = _generation(model, tokenizer, cfg, gen_names)
+            main_scores = runs[cfg.threshold][0]
+            counts = {n: sum(ex["task"] == n for ex in examples) for n in gen_names}
+            for n in gen_names:
+                scores.append(TaskScore(n, "exact_match", backbone[n], main_scores[n], n=counts[n]))
+            if cfg.speed_examples > 0:
+                speed = _speed(
+                    model, _interleave(examples, prompt_ids), cfg, tokenizer.eos_token_id
+                )
+        if tasks.MC_TASK in cfg.tasks:
+            scores.append(_multiple_choice(model, tokenizer, cfg))
+        if tasks.PERPLEXITY in cfg.tasks:
+            scores.append(_perplexity(model, tokenizer, cfg))
+        sweep = _sweep_rows(scores, runs, cfg)
+    finally:
+        model.train(was_training)
+    report = build_report(
+        scores,
+        tokens_per_forward=runs[cfg.threshold][1].tokens_per_forward if runs else None,
+        speed=speed,
+        sweep=sweep,
+        decode={
+            "threshold": cfg.threshold,
+            "block_size": model.block_size,
+            "steps_per_block": cfg.steps_per_block or model.block_size,
+            "max_new_tokens": cfg.max_new_tokens,
+        },
+        config=asdict(cfg),
+        wall_s=time.perf_counter() - t0,
+    )
+    paths = write_report(report, Path(out_dir))
+    log_report(report, paths, logger, step)
+    return report
+
+
+def _sweep_rows(scores: list[TaskScore], runs: dict, cfg: EvalConfig) -> list[dict]:
+    """Retained at every swept threshold: generation scores from that threshold's decoding,
+    the other ratio tasks (multiple choice) as they are -- decoding does not change them."""
+    from twotower_train.eval.report import retained_ratios
+
+    rows = []
+    for th in sorted(set(cfg.threshold_sweep) | ({cfg.threshold} if runs else set())):
+        if th not in runs:
+            continue
+        gen, stats = runs[th]
+        swapped = [
+            TaskScore(s.name, s.metric, s.backbone, gen.get(s.name, s.twotower), s.higher_is_better)
+            for s in scores
+        ]
+        retained, mean_of_ratios = retained_ratios(swapped)
+        rows.append(
+            {
+                "threshold": th,
+                "tokens_per_forward": stats.tokens_per_forward,
+                "retained": retained,
+                "retained_mean_of_ratios": mean_of_ratios,
+                "denoiser_forwards": stats.denoiser_forwards,
+                "new_tokens": stats.new_tokens,
+                "tasks": gen,
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Evaluate a shipped / local backbone with a fresh (untrained) denoiser: a smoke test of
+    the harness and a decoding benchmark, not a result. Trained runs: ``mode=eval``."""
+    parser = argparse.ArgumentParser(prog="python -m twotower_train.eval.harness")
+    parser.add_argument("--backbone", default="tiny_llama", help="shipped name or local folder")
+    parser.add_argument("--out", type=Path, default=Path("runs/eval_smoke/eval"))
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--max-examples", type=int, default=EvalConfig.max_examples_per_task)
+    parser.add_argument("--speed-examples", type=int, default=EvalConfig.speed_examples)
+    parser.add_argument("--threshold", type=float, default=EvalConfig.threshold)
+    parser.add_argument("--tasks", nargs="*", default=None)
+    args = parser.parse_args(argv)
+    from twotower_train.backbones import load_backbone, load_tokenizer
+    from twotower_train.config import BackboneConfig
+
+    bcfg = BackboneConfig(name_or_path=args.backbone)
+    tokenizer = load_tokenizer(bcfg)
+    model = TwoTowerModel.from_backbone(
+        load_backbone(bcfg, tokenizer),
+        block_size=args.block_size,
+        mask_token_id=tokenizer.mask_token_id,
+    )
+    cfg = EvalConfig(
+        max_examples_per_task=args.max_examples,
+        speed_examples=args.speed_examples,
+        threshold=args.threshold,
+    )
+    if args.tasks:
+        cfg.tasks = args.tasks
+    report = evaluate(model, tokenizer, cfg, args.out)
+    print((args.out / "report.md").read_text())
+    print(f"wrote {args.out}/report.json in {report['eval_wall_s']:.1f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""The retained-performance report: ``report.json``, ``report.md``, a PNG, and W&B.
+
+``report.json`` (the contract in DESIGN.md, plus details)::
+
+    retained                  mean(two-tower) / mean(backbone) over the ratio tasks
+    retained_mean_of_ratios   mean over the ratio tasks of two-tower / backbone
+    tokens_per_forward        new tokens per denoiser forward at the main threshold
+    speedup_vs_ar             two-tower tokens/s / AR tokens/s, batch 1, same prompts
+    tasks                     [{name, metric, backbone, twotower, retained, higher_is_better,
+                                in_retained, n}]
+    retained_tasks, threshold, block_size, steps_per_block, sweep, speed, config
+
+Ratio tasks are the higher-is-better ones (generation exact match, multiple-choice
+accuracy). Perplexity-like rows (lower is better) get ``retained = backbone / twotower``
+but stay out of the two summary ratios: an ELBO bound against an exact NLL is not the same
+kind of number.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PLOT_NAME = "retained_vs_tokens_per_forward.png"
+
+
+@dataclass
+class TaskScore:
+    name: str
+    metric: str
+    backbone: float
+    twotower: float
+    higher_is_better: bool = True
+    n: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def retained(self) -> float | None:
+        num, den = (
+            (self.twotower, self.backbone)
+            if self.higher_is_better
+            else (self.backbone, self.twotower)
+        )
+        return num / den if den > 0 else None
+
+
+def retained_ratios(scores: list[TaskScore]) -> tuple[float | None, float | None]:
+    """(ratio of averages, mean of ratios) over the higher-is-better tasks; a task whose
+    backbone scores 0 has no ratio and is left out of the mean of ratios."""
+    counted = [s for s in scores if s.higher_is_better]
+    if not counted:
+        return None, None
+    back = sum(s.backbone for s in counted) / len(counted)
+    two = sum(s.twotower for s in counted) / len(counted)
+    ratios = [s.retained for s in counted if s.retained is not None]
+    return (two / back if back > 0 else None), (sum(ratios) / len(ratios) if ratios else None)
+
+
+def build_report(
+    scores: list[TaskScore],
+    *,
+    tokens_per_forward: float | None,
+    speed: dict | None,
+    sweep: list[dict],
+    decode: dict,
+    config: dict,
+    wall_s: float,
+) -> dict:
+    retained, mean_of_ratios = retained_ratios(scores)
+    speedup = None
+    if speed and speed["ar"]["tokens_per_s"] > 0:
+        speedup = speed["diffusion"]["tokens_per_s"] / speed["ar"]["tokens_per_s"]
+    return {
+        "retained": retained,
+        "retained_mean_of_ratios": mean_of_ratios,
+        "tokens_per_forward": tokens_per_forward,
+        "speedup_vs_ar": speedup,
+        "tasks": [
+            {
+                "name": s.name,
+                "metric": s.metric,
+                "backbone": s.backbone,
+                "twotower": s.twotower,
+                "retained": s.retained,
+                "higher_is_better": s.higher_is_better,
+                "in_retained": s.higher_is_better,
+                "n": s.n,
+                **s.extra,
+            }
+            for s in scores
+        ],
+        "retained_tasks": [s.name for s in scores if s.higher_is_better],
+        **decode,
+        "sweep": sweep,
+        "speed": speed,
+        "eval_wall_s": wall_s,
+        "config": config,
+    }
+
+
+def _fmt(x, pct: bool = False) -> str:
+    if x is None:
+        return "n/a"
+    return f"{100 * x:.1f}%" if pct else f"{x:.4g}"
+
+
+def report_markdown(report: dict) -> str:
+    lines = [
+        "# Retained performance: two-tower (diffusion) vs backbone (AR)",
+        "",
+        "| task | metric | backbone (AR) | two-tower (diffusion) | retained |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for t in report["tasks"]:
+        mark = "" if t["in_retained"] else " *"
+        lines.append(
+            f"| {t['name']}{mark} | {t['metric']} | {_fmt(t['backbone'])} | "
+            f"{_fmt(t['twotower'])} | {_fmt(t['retained'], pct=True)} |"
+        )
+    names = ", ".join(report["retained_tasks"]) or "none"
+    steps = report.get("steps_per_block")
+    lines += [
+        "",
+        "\\* lower is better; retained = backbone / two-tower; not in the summary ratios.",
+        "",
+        f"- **retained** (ratio of averages over {names}): {_fmt(report['retained'], True)}",
+        f"- **retained, mean of ratios**: {_fmt(report['retained_mean_of_ratios'], True)}",
+        f"- **tokens per denoiser forward** (threshold {report.get('threshold')}, block "
+        f"{report.get('block_size')}, at most {steps} steps per block): "
+        f"{_fmt(report['tokens_per_forward'])}",
+    ]
+    speed = report.get("speed")
+    if speed:
+        lines.append(
+            f"- **speed vs AR** (batch 1, {speed['examples']} prompts, wall clock on "
+            f"{speed['device']}): {_fmt(report['speedup_vs_ar'])}x "
+            f"(diffusion {speed['diffusion']['tokens_per_s']:.1f} tokens/s, "
+            f"AR {speed['ar']['tokens_per_s']:.1f} tokens/s)"
+        )
+    if report["sweep"]:
+        lines += [
+            "",
+            "## Threshold sweep",
+            "",
+            "| threshold | tokens / forward | retained |",
+            "| ---: | ---: | ---: |",
+        ]
+        for row in report["sweep"]:
+            lines.append(
+                f"| {row['threshold']} | {_fmt(row['tokens_per_forward'])} | "
+                f"{_fmt(row['retained'], True)} |"
+            )
+        lines += ["", f"![retained vs tokens per forward]({PLOT_NAME})"]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot_sweep(report: dict, path: Path) -> None:
+    """Retained % against tokens per denoiser forward, one point per threshold; the AR
+    backbone is the reference point (1 token per forward, 100%)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=100)
+    pts = [r for r in report["sweep"] if r["retained"] is not None]
+    xs = [r["tokens_per_forward"] for r in pts]
+    ys = [100 * r["retained"] for r in pts]
+    ax.plot(xs, ys, "o-", label="two-tower (diffusion)")
+    for r, x, y in zip(pts, xs, ys):
+        ax.annotate(f"{r['threshold']:g}", (x, y), textcoords="offset points", xytext=(4, 4))
+    ax.plot([1.0], [100.0], "s", color="gray", label="backbone (AR)")
+    ax.set_xlabel("tokens per denoiser forward")
+    ax.set_ylabel("retained %")
+    ax.set_title("Retained performance vs decoding parallelism")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(report: dict, out_dir: Path) -> dict[str, Path]:
+    """``report.json``, ``report.md`` and the plot into ``out_dir``; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": out_dir / "report.json",
+        "md": out_dir / "report.md",
+        "plot": out_dir / PLOT_NAME,
+    }
+    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    paths["md"].write_text(report_markdown(report))
+    plot_sweep(report, paths["plot"])
+    return paths
+
+
+def summary_metrics(report: dict) -> dict[str, float]:
+    """Flat numbers for ``metrics.jsonl`` / W&B: ``eval/*`` summaries (printed on the console
+    line) and ``eval_task/<task>/<tower>`` per task."""
+    out: dict[str, float] = {}
+    for key in ("retained", "retained_mean_of_ratios", "tokens_per_forward", "speedup_vs_ar"):
+        if report[key] is not None:
+            out[f"eval/{key}"] = float(report[key])
+    for t in report["tasks"]:
+        for col in ("backbone", "twotower", "retained"):
+            if t[col] is not None:
+                out[f"eval_task/{t['name']}/{col}"] = float(t[col])
+    return out
+
+
+def log_report(report: dict, paths: dict[str, Path], logger, step: int | None) -> None:
+    """The summary numbers through ``logger.log(step, ...)``; with a W&B run on the logger
+    (``logger.wandb``), also the side-by-side table, the plot and the run summary."""
+    if logger is None:
+        return
+    metrics = summary_metrics(report)
+    logger.log(step if step is not None else 0, metrics)
+    run = getattr(logger, "wandb", None)
+    if run is None:
+        return
+    import wandb
+
+    columns = ["task", "metric", "backbone", "twotower", "retained"]
+    table = wandb.Table(
+        columns=columns,
+        data=[[t[c if c != "task" else "name"] for c in columns] for t in report["tasks"]],
+    )
+    payload = {"eval/table": table, "eval/plot": wandb.Image(str(paths["plot"]))}
+    if step is not None:
+        run.log(payload, step=step)
+    else:
+        run.log(payload)
+    for key, value in metrics.items():
+        if key.startswith("eval/"):
+            run.summary[key] = value
