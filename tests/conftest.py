@@ -12,14 +12,18 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A ~30k-parameter Llama on 32-token sequences: fast enough for engine tests.
+# A random ~0.2M-parameter Llama (AR objective) on 32-token sequences: fast engine tests.
 TINY = [
     "recipe=tiny",
-    "backbone.config.hidden_size=32",
-    "backbone.config.num_hidden_layers=2",
-    "backbone.config.num_attention_heads=4",
-    "backbone.config.num_key_value_heads=2",
-    "backbone.config.intermediate_size=64",
+    "train.objective=ar",
+    "backbone.name_or_path=tiny_scratch",
+    "backbone.init=scratch",
+    "+backbone.config.model_type=llama",
+    "+backbone.config.hidden_size=32",
+    "+backbone.config.num_hidden_layers=2",
+    "+backbone.config.num_attention_heads=4",
+    "+backbone.config.num_key_value_heads=2",
+    "+backbone.config.intermediate_size=64",
     "data.seq_len=32",
     "data.val_sequences=8",
     "train.micro_batch_size=4",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import glob
 import gzip
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -82,11 +82,9 @@ class BadDocuments:
 
 
 def make_document(
-    get: Callable[[str], Any], src: DataSourceConfig, where: str, bad: BadDocuments
+    record: Mapping[str, Any], src: DataSourceConfig, where: str, bad: BadDocuments
 ) -> Document | None:
-    """A record's document (`field`, or `prompt_field` + `completion_field`), or None if bad.
-
-    `get(name)` returns the field's value or raises KeyError when it is absent."""
+    """A record's document (`field`, or `prompt_field` + `completion_field`), or None if bad."""
     if src.prompt_field is None:
         names = (src.field,)
     else:
@@ -94,7 +92,7 @@ def make_document(
     values = []
     for name in names:
         try:
-            value = get(name)
+            value = record[name]
         except KeyError:
             bad(where, "missing_field", f"no field '{name}'")
             return None
@@ -156,20 +154,35 @@ def _decode_line(raw: bytes, where: str, bad: BadDocuments) -> str | None:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        bad(where, "not_utf8", f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})")
+        bad(
+            where,
+            "not_utf8",
+            f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})",
+        )
         return None
 
 
 class FileReader:
     """Lines of a list of files; cursor = [file index, byte offset, line number]."""
 
+    unit = "B"
+
     def __init__(self, files: list[Path], src: DataSourceConfig, bad: BadDocuments):
         self.files = files
         self.src = src
         self.bad = bad
         self._pos = [0, 0, 0]
-        self.done_bytes = 0  # progress across files, for a bar
-        self.total_bytes = sum(f.stat().st_size for f in files)
+        self._done = 0  # bytes of the files finished in this pass
+        self._raw = None  # the open file (compressed bytes for .gz), for progress
+        self.total = sum(f.stat().st_size for f in files)
+
+    def progress(self) -> int:
+        """Bytes read so far in this pass (of `total`)."""
+        raw = self._raw
+        try:
+            return self._done + (raw.tell() if raw is not None and not raw.closed else 0)
+        except (OSError, ValueError):
+            return self._done
 
     def cursor(self) -> list[int]:
         return list(self._pos)
@@ -179,25 +192,30 @@ class FileReader:
 
     def documents(self, cursor: list[int] | None = None) -> Iterator[Document]:
         start_file, start_off, start_line = cursor or (0, 0, 0)
+        self._done = sum(f.stat().st_size for f in self.files[:start_file])
         for fi in range(start_file, len(self.files)):
             off, line = (start_off, start_line) if fi == start_file else (0, 0)
             self._pos = [fi, off, line]
             yield from self._file_documents(fi, off, line)
-            self.done_bytes += self.files[fi].stat().st_size
+            self._done += self.files[fi].stat().st_size
         self._pos = [len(self.files), 0, 0]
 
     def _lines(self, fi: int, off: int, line: int) -> Iterator[tuple[bytes, int]]:
         """(raw line, its line number); keeps `_pos` just after the line."""
-        with _open(self.files[fi]) as f:
+        path = self.files[fi]
+        with open(path, "rb") as raw:
+            self._raw = raw
+            f = gzip.GzipFile(fileobj=raw, mode="rb") if path.suffix == ".gz" else raw
             if off:
                 f.seek(off)
             pos = self._pos
-            for raw in f:
+            for data in f:
                 line += 1
-                off += len(raw)
+                off += len(data)
                 pos[1] = off
                 pos[2] = line
-                yield raw, line
+                yield data, line
+        self._raw = None
 
     def _file_documents(self, fi: int, off: int, line: int) -> Iterator[Document]:
         raise NotImplementedError
@@ -223,7 +241,7 @@ class JsonlReader(FileReader):
             if not isinstance(record, dict):
                 self.bad(where, "not_object", f"not a JSON object ({type(record).__name__})")
                 continue
-            doc = make_document(record.__getitem__, self.src, where, self.bad)
+            doc = make_document(record, self.src, where, self.bad)
             if doc is not None:
                 yield doc
         if off == 0 and records == 0:
@@ -231,53 +249,57 @@ class JsonlReader(FileReader):
 
 
 class TextReader(FileReader):
+    """Plain text: one document per paragraph (blank-line separated), line, or file."""
+
     def _file_documents(self, fi: int, off: int, line: int) -> Iterator[Document]:
         path = str(self.files[fi])
-        unit = self.src.text_unit.value
-        if unit == "file":
-            raw = self.files[fi].read_bytes() if off == 0 else b""
-            if off == 0 and not raw.strip():
-                self.bad(path, "empty_file", "empty file")
-            elif raw:
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    n = raw[: exc.start].count(b"\n") + 1
-                    col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
-                    self.bad(
-                        f"{path}:{n}",
-                        "not_utf8",
-                        f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {col})",
-                    )
-                else:
-                    self._pos = [fi, len(raw), text.count("\n") + 1]
-                    yield Document(text.rstrip("\n"), None, f"{path}:1")
+        per_line = self.src.text_unit.value == "line"
+        if self.src.text_unit.value == "file":
+            yield from self._whole_file(fi, off)
             return
-        documents = 0
         lines: list[str] = []
-        first, broken = 0, False
+        first, broken, content = 0, False, False
         for raw, n in self._lines(fi, off, line):
-            blank = not raw.strip()
-            if not blank:
+            if raw.strip():
+                content = True
                 text = _decode_line(raw, f"{path}:{n}", self.bad)
-                broken = broken or text is None
-                if not lines and not (broken and text is None and lines):
-                    first = first if lines else n
-                if text is not None:
-                    if not lines:
-                        first = n
+                if not lines and not broken:
+                    first = n
+                if text is None:
+                    broken = True  # the whole document is skipped (counted)
+                else:
                     lines.append(text.rstrip("\r\n"))
-                if unit == "paragraph":
+                if not per_line:
                     continue
             if lines and not broken:
-                documents += 1
                 yield Document("\n".join(lines), None, f"{path}:{first}")
             lines, broken = [], False
         if lines and not broken:
-            documents += 1
             yield Document("\n".join(lines), None, f"{path}:{first}")
-        if off == 0 and documents == 0 and self.bad.counts.get("not_utf8", 0) == 0:
+        if off == 0 and not content:
             self.bad(path, "empty_file", "empty file")
+
+    def _whole_file(self, fi: int, off: int) -> Iterator[Document]:
+        path = self.files[fi]
+        if off:  # resumed after this file's only document
+            return
+        with _open(path) as f:
+            raw = f.read()
+        if not raw.strip():
+            self.bad(str(path), "empty_file", "empty file")
+            return
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            n = raw[: exc.start].count(b"\n") + 1
+            col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+            byte = raw[exc.start]
+            self.bad(
+                f"{path}:{n}", "not_utf8", f"not valid UTF-8 (byte 0x{byte:02x} at column {col})"
+            )
+            return
+        self._pos = [fi, len(raw), text.count("\n") + 1]
+        yield Document(text.rstrip("\n"), None, f"{path}:1")
 
 
 class ParquetReader(FileReader):
@@ -288,7 +310,7 @@ class ParquetReader(FileReader):
         import pyarrow.parquet as pq
 
         self._pq = pq
-        self.columns = [src.field] if src.prompt_field is None else [src.prompt_field, src.completion_field]
+        self.columns = _columns(src)
         for f in files:
             try:
                 names = pq.read_schema(f).names
@@ -300,6 +322,7 @@ class ParquetReader(FileReader):
 
     def documents(self, cursor: list[int] | None = None) -> Iterator[Document]:
         start_file, start_row, _ = cursor or (0, 0, 0)
+        self._done = sum(f.stat().st_size for f in self.files[:start_file])
         for fi in range(start_file, len(self.files)):
             path = self.files[fi]
             pf = self._pq.ParquetFile(path)
@@ -314,22 +337,27 @@ class ParquetReader(FileReader):
                     base += n_rows
                     continue
                 table = pf.read_row_group(rg, columns=self.columns)
-                cols = {c: table.column(c).to_pylist() for c in self.columns}
+                cols = [table.column(c).to_pylist() for c in self.columns]
                 for i in range(max(0, row0 - base), n_rows):
                     self._pos[1] = base + i + 1
-                    doc = make_document(
-                        lambda c, i=i: cols[c][i], self.src, f"{path} row {base + i + 1}", self.bad
-                    )
+                    record = {c: col[i] for c, col in zip(self.columns, cols)}
+                    doc = make_document(record, self.src, f"{path} row {base + i + 1}", self.bad)
                     if doc is not None:
                         yield doc
                 base += n_rows
-            self.done_bytes += path.stat().st_size
+            self._done += path.stat().st_size
         self._pos = [len(self.files), 0, 0]
 
 
 # ---------------------------------------------------------------------------------------
 # `datasets`: a hub id, a local dataset folder, or a folder saved with save_to_disk.
 # ---------------------------------------------------------------------------------------
+
+
+def _columns(src: DataSourceConfig) -> list[str]:
+    if src.prompt_field is None:
+        return [src.field]
+    return [src.prompt_field, src.completion_field]
 
 
 def _first_line(exc: BaseException) -> str:
@@ -352,9 +380,7 @@ def open_hub_dataset(src: DataSourceConfig, streaming: bool, label: str):
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 if src.split not in ds:
-                    raise DataError(
-                        f"{label}: no split '{src.split}' (splits: {', '.join(ds)})"
-                    )
+                    raise DataError(f"{label}: no split '{src.split}' (splits: {', '.join(ds)})")
                 ds = ds[src.split]
             return ds.to_iterable_dataset() if streaming else ds
         return datasets.load_dataset(
@@ -374,22 +400,28 @@ class HubReader:
     """Rows of a `datasets` Dataset (map-style, cursor = [row]) or IterableDataset
     (streaming, cursor = [row, the dataset's own state_dict])."""
 
+    unit = "rows"
+
     def __init__(self, src: DataSourceConfig, streaming: bool, bad: BadDocuments, label: str):
         self.src = src
         self.bad = bad
         self.streaming = streaming
         self.ds = open_hub_dataset(src, streaming, label)
         self.name = f"{src.path} (split {src.split})"
-        self.columns = [src.field] if src.prompt_field is None else [src.prompt_field, src.completion_field]
+        self.columns = _columns(src)
         names = self.ds.column_names
         if names is not None:
             missing = [c for c in self.columns if c not in names]
             if missing:
-                raise DataError(f"{label}: {self.name} has no column '{missing[0]}' (columns: {', '.join(names)})")
+                raise DataError(
+                    f"{self.name}: no column '{missing[0]}' (columns: {', '.join(names)})"
+                )
         self._start_state = self.ds.state_dict() if streaming else None
         self._row = 0
-        self.total_rows = None if streaming else len(self.ds)
-        self.done_bytes = 0
+        self.total = None if streaming else len(self.ds)
+
+    def progress(self) -> int:
+        return self._row
 
     def cursor(self) -> list:
         if self.streaming:
@@ -397,20 +429,18 @@ class HubReader:
         return [self._row]
 
     def fingerprint(self) -> list:
-        fp = getattr(self.ds, "_fingerprint", None)
+        fp = None if self.streaming else getattr(self.ds, "_fingerprint", None)
         return [self.src.path, self.src.name, self.src.split, self.src.revision, fp]
 
     def documents(self, cursor: list | None = None) -> Iterator[Document]:
         self._row = cursor[0] if cursor else 0
+        first_row = self._row
         if self.streaming:
             self.ds.load_state_dict(cursor[1] if cursor else self._start_state)
-            rows = iter(self.ds)
-            if self._row == 0 and cursor is None:
-                pass
-            for record in rows:
+            for record in self.ds:
                 self._row += 1
                 where = f"{self.name} row {self._row}"
-                doc = make_document(record.__getitem__, self.src, where, self.bad)
+                doc = make_document(record, self.src, where, self.bad)
                 if doc is not None:
                     yield doc
         else:
@@ -418,26 +448,29 @@ class HubReader:
             n = len(ds)
             for start in range(self._row, n, 1024):
                 batch = ds[start : min(start + 1024, n)]
-                for i in range(len(batch[self.columns[0]])):
+                cols = [batch[c] for c in self.columns]
+                for i in range(len(cols[0])):
                     self._row = start + i + 1
-                    doc = make_document(
-                        lambda c, i=i: batch[c][i], self.src, f"{self.name} row {self._row}", self.bad
-                    )
+                    record = {c: col[i] for c, col in zip(self.columns, cols)}
+                    doc = make_document(record, self.src, f"{self.name} row {self._row}", self.bad)
                     if doc is not None:
                         yield doc
-                self.done_bytes = self._row
-        if self._row == 0 and not self.streaming:
+        if first_row == 0 and self._row == 0:
             self.bad(self.name, "empty_file", "empty dataset (no rows)")
 
 
 class ListReader:
     """Documents held in memory (the tiny world's held-out split)."""
 
+    unit = "docs"
+
     def __init__(self, docs: list[Document]):
         self.docs = docs
         self._i = 0
-        self.done_bytes = 0
-        self.total_bytes = len(docs)
+        self.total = len(docs)
+
+    def progress(self) -> int:
+        return self._i
 
     def cursor(self) -> list[int]:
         return [self._i]

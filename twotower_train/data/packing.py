@@ -1,24 +1,28 @@
-"""Pack tokenised documents into fixed-length training sequences, and a
-deterministic, resumable, rank-sharded batch order over them.
+"""Packing tokens into rows of `seq_len`, the batch tensors of a row, and the
+deterministic mixture of sources by weight.
 
-The order is a pure function of (seed, sample position): global sample position
-p lives in epoch p // N at slot p % N of that epoch's permutation. A resumed run
-only needs the number of samples consumed, and ranks never overlap or leave gaps.
+Rows never pad: documents are concatenated (EOS after each) and cut every `seq_len`
+tokens, so a document may continue in the next row. Each row carries `flags`
+(tokens.END / tokens.PROMPT) from which the loss mask and document ids follow.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from twotower_train.data.tokens import END, PROMPT, TokenChunk
+
 
 def pack_documents(docs: Iterable[list[int]], eos_id: int, seq_len: int) -> tuple[np.ndarray, int]:
-    """Concatenate documents with EOS after each and cut into rows of `seq_len`.
+    """Concatenate token lists with EOS after each and cut into rows of `seq_len`.
 
-    Returns (tokens [N, seq_len] int32, number of tail tokens dropped).
+    Returns (tokens [N, seq_len] int32, number of tail tokens dropped). For small
+    in-memory sets (evaluation); training data goes through the loader.
     """
     flat: list[int] = []
     for ids in docs:
@@ -31,37 +35,83 @@ def pack_documents(docs: Iterable[list[int]], eos_id: int, seq_len: int) -> tupl
     return arr, len(flat) - n * seq_len
 
 
-@dataclass
-class BatchOrder:
-    """Which sample rows make up each rank's micro batch, as a function of position."""
+def rows_to_batch(tokens: np.ndarray, flags: np.ndarray) -> dict[str, torch.Tensor]:
+    """Rows `tokens/flags [b, L]` -> the loader's batch dict of CPU tensors:
 
-    num_samples: int
-    seed: int
-    micro_batch_size: int
-    rank: int
-    world_size: int
+    input_ids [b, L] long, loss_mask [b, L] bool (False on prompt tokens),
+    doc_ids [b, L] long (document index within the row; an EOS closes its document)."""
+    end = torch.from_numpy((flags & END).astype(np.int64))
+    return {
+        "input_ids": torch.from_numpy(tokens.astype(np.int64)),
+        "loss_mask": torch.from_numpy((flags & PROMPT) == 0),
+        "doc_ids": torch.cumsum(end, dim=1) - end,
+    }
 
-    def __post_init__(self) -> None:
-        self._perms: dict[int, np.ndarray] = {}
 
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perms = {epoch: torch.randperm(self.num_samples, generator=g).numpy()}
-        return self._perms[epoch]
+class Packer:
+    """Streams chunks into full rows; the remainder carries over to the next chunk."""
 
-    def indices(self, position: int) -> np.ndarray:
-        """Rows of this rank's micro batch that starts at global sample `position`.
+    def __init__(self, seq_len: int) -> None:
+        self.seq_len = seq_len
+        self.tokens = np.zeros(0, np.int32)
+        self.flags = np.zeros(0, np.uint8)
 
-        One micro step consumes micro_batch_size x world_size samples globally.
-        """
-        start = position + self.rank * self.micro_batch_size
-        out = np.empty(self.micro_batch_size, dtype=np.int64)
-        for i in range(self.micro_batch_size):
-            p = start + i
-            out[i] = self._perm(p // self.num_samples)[p % self.num_samples]
-        return out
+    def add(self, chunk: TokenChunk) -> tuple[np.ndarray, np.ndarray]:
+        """Append `chunk`; return the rows it completes (tokens, flags) [n, L]."""
+        tokens = np.concatenate([self.tokens, chunk.tokens])
+        flags = np.concatenate([self.flags, chunk.flags])
+        n = len(tokens) // self.seq_len
+        cut = n * self.seq_len
+        self.tokens, self.flags = tokens[cut:].copy(), flags[cut:].copy()
+        shape = (n, self.seq_len)
+        return tokens[:cut].reshape(shape), flags[:cut].reshape(shape)
 
-    @property
-    def samples_per_micro_step(self) -> int:
-        return self.micro_batch_size * self.world_size
+    def state_dict(self) -> dict[str, str]:
+        return {"tokens": encode_array(self.tokens), "flags": encode_array(self.flags)}
+
+    def load_state_dict(self, state: dict[str, str]) -> None:
+        self.tokens = decode_array(state["tokens"], np.int32)
+        self.flags = decode_array(state["flags"], np.uint8)
+
+
+def encode_array(a: np.ndarray) -> str:
+    """A small array as base64 text (JSON-serialisable checkpoint state)."""
+    return base64.b64encode(np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<")).tobytes()).decode()
+
+
+def decode_array(text: str, dtype) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype)
+
+
+class MixtureSchedule:
+    """Which source each successive row comes from: always the one furthest behind its
+    weight (ties to the first), so after g rows source s has given round(w_s * g) +- 1.
+
+    Deterministic and seed-free; `drawn` (rows taken per source) is the whole state."""
+
+    def __init__(self, weights: list[float]) -> None:
+        w = np.asarray(weights, dtype=np.float64)
+        self.weights = w / w.sum()
+        self.drawn = [0] * len(weights)
+
+    def next(self) -> int:
+        if len(self.drawn) == 1:
+            self.drawn[0] += 1
+            return 0
+        g = sum(self.drawn) + 1
+        deficit = self.weights * g - np.asarray(self.drawn)
+        s = int(np.argmax(deficit))
+        self.drawn[s] += 1
+        return s
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from (run seed, source, epoch, ...), stable across runs and platforms."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def permutation(n: int, *seed_parts: object) -> np.ndarray:
+    """A seeded permutation of range(n) (int64)."""
+    g = torch.Generator().manual_seed(derive_seed(*seed_parts))
+    return torch.randperm(n, generator=g).numpy()
