@@ -3,11 +3,12 @@ families end to end, exact resume of the random masking."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, losses, read_metrics
+from conftest import TINY, losses, read_metrics, run_cli
 
 from twotower_train.backbones import load_backbone, load_tokenizer
 from twotower_train.config import compose
@@ -19,6 +20,7 @@ from twotower_train.train import build_objective, train
 TT = [
     *TINY,
     "train.objective=twotower",
+    "distill=kd",
     "denoiser.block_size=8",
     "precision=fp32",
     "train.log_every=1",
@@ -62,8 +64,18 @@ def test_two_tower_training_resumes_exactly(tmp_path: Path) -> None:
     assert want[6] < want[1]
 
 
+SMALL_EVAL = [
+    "eval.max_examples_per_task=3",
+    "eval.speed_examples=2",
+    "eval.threshold_sweep=[0.8]",
+    "eval.elbo_samples=1",
+    "eval.tasks=[add,recall,perplexity]",
+]
+
+
 def test_nemotron_h_two_tower_end_to_end(tmp_path: Path) -> None:
-    """Shipped Nemotron-H backbone: Mamba state seeding through the engine, bf16."""
+    """Shipped Nemotron-H backbone: Mamba state seeding through the engine, bf16, then the
+    retained-performance report, the release folder, and mode=eval on it."""
     train(
         compose(
             [
@@ -73,11 +85,24 @@ def test_nemotron_h_two_tower_end_to_end(tmp_path: Path) -> None:
                 "train.micro_batch_size=2",
                 "train.steps=2",
                 "train.log_every=1",
+                *SMALL_EVAL,
                 f"run.dir={tmp_path / 'run'}",
             ]
         )
     )
     records = read_metrics(tmp_path / "run")
+    report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
+    for key in ("retained", "retained_mean_of_ratios", "tokens_per_forward", "speedup_vs_ar"):
+        assert key in report
+    assert {t["name"] for t in report["tasks"]} >= {"add", "recall"}
+    assert (tmp_path / "run" / "release" / "denoiser.safetensors").is_file()
+    # mode=eval scores the released folder again, from the command line.
+    proc = run_cli(
+        ["recipe=tiny_nemotron_h", "mode=eval", *SMALL_EVAL, f"run.dir={tmp_path / 'run'}"]
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "retained" in proc.stdout
+    assert (tmp_path / "run" / "eval" / "report.md").is_file()
     steps = [r for r in records if "ce" in r]
     assert [r["step"] for r in steps] == [1, 2]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
@@ -85,9 +110,33 @@ def test_nemotron_h_two_tower_end_to_end(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "override", ["diffusion=elbo", "distill=none", "denoiser.time_conditioning=true"]
+    "override", ["diffusion=elbo", "distill=none", "distill.direction=reverse", "denoiser.time_conditioning=true"]
 )
 def test_objective_variants_train(tmp_path: Path, override: str) -> None:
     train(compose([*TT, "train.steps=2", override, f"run.dir={tmp_path / 'run'}"]))
     got = losses(tmp_path / "run")
     assert sorted(got) == [1, 2] and all(torch.isfinite(torch.tensor(v)) for v in got.values())
+
+
+def test_release_round_trip_is_exact_and_pickle_free(tmp_path: Path) -> None:
+    from twotower_train.model import TwoTowerModel
+    from twotower_train.model.tiny import tiny_backbone
+    from twotower_train.release import load_release, save_release
+
+    tokenizer = load_tokenizer(compose(TT).backbone)
+    backbone = tiny_backbone("nemotron_h")
+    model = TwoTowerModel.from_backbone(backbone, block_size=4, mask_token_id=2)
+    with torch.no_grad():
+        for p in model.denoiser.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # "trained": differs from the backbone copy
+    save_release(model, tokenizer, tmp_path / "release")
+    files = [p.name for p in (tmp_path / "release").rglob("*") if p.is_file()]
+    assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    loaded, _ = load_release(tmp_path / "release")
+    clean = torch.randint(3, 100, (2, 16))
+    noisy = clean.masked_fill(torch.rand(clean.shape) < 0.5, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(clean, noisy), model(clean, noisy), rtol=0, atol=0)
+    (tmp_path / "release" / "denoiser.safetensors").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="is corrupt"):
+        load_release(tmp_path / "release")

@@ -34,8 +34,10 @@ def main(argv: list[str] | None = None) -> int:
 
             train(cfg)
         else:
-            fail(f"mode={cfg.mode.value} is not available yet")
-    except (ConfigError, BackboneError, CheckpointError, FileNotFoundError) as exc:
+            from twotower_train.eval.harness import evaluate_run
+
+            evaluate_run(cfg)
+    except (ConfigError, BackboneError, CheckpointError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     return 0
 

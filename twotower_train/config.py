@@ -125,10 +125,13 @@ class DataSourceConfig:
     text_unit: TextUnit = TextUnit.paragraph  # text: what one document is
 
     def __post_init__(self) -> None:
+        self.kind, self.text_unit = SourceKind(self.kind), TextUnit(self.text_unit)
         if self.weight <= 0:
             raise ConfigError(f"data.sources: weight must be > 0, got {self.weight}")
         if (self.prompt_field is None) != (self.completion_field is None):
-            raise ConfigError("data.sources: set both prompt_field and completion_field, or neither")
+            raise ConfigError(
+                "data.sources: set both prompt_field and completion_field, or neither"
+            )
         if self.kind == SourceKind.text and self.prompt_field is not None:
             raise ConfigError("data.sources: kind=text has no fields; SFT needs jsonl/parquet/hub")
         if self.kind != SourceKind.tiny_world and not self.path:
@@ -157,10 +160,14 @@ class DataConfig:
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
+        self.source = DataSource(self.source)
+        self.on_bad_document = BadDocumentPolicy(self.on_bad_document)
         if self.source == DataSource.mixture and not self.sources:
             raise ConfigError("data.source=mixture needs at least one entry in data.sources")
         if self.source == DataSource.tiny_world and self.sources:
-            raise ConfigError("data.sources is set but data.source=tiny_world; set data.source=mixture")
+            raise ConfigError(
+                "data.sources is set but data.source=tiny_world; set data.source=mixture"
+            )
         if self.val_sequences < 0 or self.min_doc_tokens < 0 or self.shuffle_window < 1:
             raise ConfigError(
                 "data.val_sequences and data.min_doc_tokens must be >= 0, data.shuffle_window >= 1"
@@ -241,6 +248,9 @@ class TrainConfig:
     eval_at_end: bool = True
     # Stop after this many steps of this invocation (testing preemption); 0 = off.
     stop_after: int = 0
+    # Wall-clock budget in seconds (0 = none): when spent, the run ends at that step as if
+    # it were the last one (final checkpoint, evaluation, export), LR schedule unfinished.
+    time_limit_s: float = 0.0
 
 
 @dataclass
@@ -286,9 +296,41 @@ class LoggerConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Retained-performance evaluation (twotower_train/eval/harness.py, docs/evaluation.md)."""
+
+    tasks: list[str] = field(
+        default_factory=lambda: [
+            "add",
+            "copy",
+            "reverse",
+            "sort",
+            "recall",
+            "perplexity",
+            "tiny_world_mc",
+        ]
+    )
+    max_examples_per_task: int = 200  # also the number of perplexity rows
+    threshold: float = 0.8  # main confidence threshold of diffusion decoding
+    steps_per_block: int | None = None  # null = block size
+    max_new_tokens: int = 24
+    threshold_sweep: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95])
+    elbo_samples: int = 4
+    seed: int = 0
+    batch_size: int = 32
+    speed_examples: int = 32  # prompts decoded at batch 1 for tokens/s (0 = skip)
+    perplexity_seq_len: int = 128  # rounded up to a multiple of the block size
+    elbo_schedule: str = "linear"  # only matters for a time-conditioned denoiser
+    # mode=eval: the release folder to score (null = run.dir/release).
+    release: str | None = None
+
+
+@dataclass
 class ExportConfig:
-    # Write the trained HF model (safetensors + tokenizer) to run.dir/hf at the end.
+    # AR objective: write the trained HF model (safetensors + tokenizer) to run.dir/hf.
     hf: bool = False
+    # Two-tower objective: write the released model folder to run.dir/release.
+    release: bool = True
 
 
 @dataclass
@@ -306,6 +348,7 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
@@ -410,7 +453,9 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"denoiser.attn_impl must be sdpa or flex, got {d.attn_impl}")
     lo_hi = cfg.diffusion.mask_range
     if len(lo_hi) != 2 or not 0.0 <= lo_hi[0] < lo_hi[1] <= 1.0:
-        raise ConfigError(f"diffusion.mask_range must be [lo, hi] with 0 <= lo < hi <= 1, got {lo_hi}")
+        raise ConfigError(
+            f"diffusion.mask_range must be [lo, hi] with 0 <= lo < hi <= 1, got {lo_hi}"
+        )
     if not 0.0 < cfg.diffusion.eps < 1.0:
         raise ConfigError(f"diffusion.eps must be in (0, 1), got {cfg.diffusion.eps}")
     if cfg.distill.weight < 0 or cfg.distill.temperature <= 0:

@@ -187,7 +187,7 @@ def confidence_unmask_step(
     masked = block == mask_id
     masked[:, width:] = False
     if active is not None:
-        masked &= active[:, None]
+        masked &= active.bool()[:, None]
     remaining = masked.sum(1)  # [B]
     n_min = (remaining + steps_left - 1) // steps_left  # ceil, [B]
     score = conf.float().masked_fill(~masked, -torch.inf)
@@ -289,6 +289,7 @@ def _decode_group(
     steps = cfg.steps_per_block or bs
     stop_id = eos_id if cfg.stop_at_eos else None
     device = _device(model)
+    mask_index = torch.tensor([mask_id], device=device)
     produced = 0
     while rows and produced < cfg.max_new_tokens:
         width = min(bs, cfg.max_new_tokens - produced)
@@ -299,7 +300,7 @@ def _decode_group(
             if model.config.time_conditioning:  # masked fraction = t of the linear schedule
                 t = (block == mask_id).float().mean(1)
             logits = model.denoise_block(cache, block, t=t)  # [B, bs, V]
-            logits[..., mask_id] = -torch.inf  # never "decode" to [MASK]
+            logits = logits.index_fill(-1, mask_index, -torch.inf)  # never "decode" [MASK]
             stats.denoiser_forwards += int(active.sum())
             stats.denoiser_calls += 1
             ids, conf = choose_tokens(

@@ -113,6 +113,24 @@ def snapshot_backbone(engine, template):
     return model.eval()
 
 
+def trained_two_tower(engine, cfg: Config, tokenizer) -> TwoTowerModel:
+    """A plain fp32 copy of the trained two-tower model (collective under ZeRO-3)."""
+    state = trainable_state_dict(engine)
+    model = build_two_tower(cfg, load_backbone(cfg.backbone, tokenizer), tokenizer)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+    return model.eval()
+
+
+def export_release(engine, cfg: Config, tokenizer, out: Path, env) -> None:
+    from twotower_train.release import save_release
+
+    model = trained_two_tower(engine, cfg, tokenizer)
+    if env.is_main:
+        dtype = torch.bfloat16 if cfg.precision.dtype == DType.bf16 else None
+        save_release(model, tokenizer, out, dtype=dtype)
+        info(f"released the two-tower model to {out}")
+
+
 def task_metrics(model, tokenizer, device) -> dict[str, float]:
     """Held-out greedy exact match on the tiny world's tasks."""
     from twotower_train.data.tiny_world import load_test_tasks
@@ -174,12 +192,18 @@ def train(cfg: Config) -> dict[str, float]:
             + (f", resumed at step {step}" if tag else "")
         )
 
+    if env.is_main and (cfg.precision.te or cfg.precision.fp8):
+        info(
+            "precision.te/fp8: Transformer Engine linears are not wired into the model yet; "
+            f"training with torch linears in {cfg.precision.dtype.value}"
+        )
     preempt = PreemptionFlag()
     tokens_per_step = global_batch * cfg.data.seq_len
     start_step, t_start = step, time.perf_counter()
     sums: dict[str, float] = {}
     window_t0, window_steps = time.perf_counter(), 0
     final: dict[str, float] = {}
+    over_time = False
     engine.train()
     while step < cfg.train.steps:
         for _ in range(grad_accum):
@@ -213,8 +237,12 @@ def train(cfg: Config) -> dict[str, float]:
             final.update(loss=avg["loss"])
             sums, window_t0, window_steps = {}, time.perf_counter(), 0
 
+        over_time = bool(cfg.train.time_limit_s) and any_rank(
+            time.perf_counter() - t_start > cfg.train.time_limit_s, device
+        )
+        last = step == cfg.train.steps or over_time
         eval_due = cfg.train.eval_every and step % cfg.train.eval_every == 0
-        if eval_due or (step == cfg.train.steps and cfg.train.eval_at_end):
+        if eval_due or (last and cfg.train.eval_at_end):
             evals = validation_metrics(engine, loader, cfg, device)
             if cfg.data.source == "tiny_world" and template is not None:
                 model = snapshot_backbone(engine, template)
@@ -223,11 +251,20 @@ def train(cfg: Config) -> dict[str, float]:
                 del model
             logger.log(step, evals)
             final.update(evals)
+            if template is None and cfg.eval.tasks:  # retained performance, tracked over training
+                model = trained_two_tower(engine, cfg, tokenizer)
+                if env.is_main:
+                    from twotower_train.eval.harness import evaluate
+
+                    out = run_dir / "eval" if last else run_dir / "eval" / f"step_{step:08d}"
+                    report = evaluate(model.to(device), tokenizer, cfg.eval, out, logger, step)
+                    final["retained"] = report["retained"]
+                del model
             window_t0 = time.perf_counter()
 
         stop = any_rank(preempt.raised is not None, device)
         halt = cfg.train.stop_after and step - start_step >= cfg.train.stop_after
-        if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or stop:
+        if step % cfg.train.ckpt_every == 0 or last or stop:
             state = {"global_batch_size": global_batch, "data": loader.state_dict()}
             ckpt.save(engine, step, state)
         if stop:
@@ -236,8 +273,13 @@ def train(cfg: Config) -> dict[str, float]:
             break
         if halt:
             break
+        if over_time:
+            if env.is_main:
+                info(f"train.time_limit_s={cfg.train.time_limit_s:g} reached at step {step}")
+            break
 
-    if step == cfg.train.steps and cfg.export.hf and template is not None:
+    finished = step == cfg.train.steps or over_time
+    if finished and cfg.export.hf and template is not None:
         model = snapshot_backbone(engine, template)
         if env.is_main:
             out = run_dir / "hf"
@@ -246,6 +288,8 @@ def train(cfg: Config) -> dict[str, float]:
             model.save_pretrained(out, safe_serialization=True)
             tokenizer.save_pretrained(out)
             info(f"exported the trained model to {out}")
+    if finished and cfg.export.release and template is None:
+        export_release(engine, cfg, tokenizer, run_dir / "release", env)
     barrier()
     if env.is_main:
         logger.summary(final)

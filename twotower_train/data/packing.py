@@ -76,11 +76,15 @@ class Packer:
 
 def encode_array(a: np.ndarray) -> str:
     """A small array as base64 text (JSON-serialisable checkpoint state)."""
-    return base64.b64encode(np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<")).tobytes()).decode()
+    return base64.b64encode(
+        np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<")).tobytes()
+    ).decode()
 
 
 def decode_array(text: str, dtype) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(text), dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype)
+    return np.frombuffer(base64.b64decode(text), dtype=np.dtype(dtype).newbyteorder("<")).astype(
+        dtype
+    )
 
 
 class MixtureSchedule:
@@ -106,12 +110,48 @@ class MixtureSchedule:
 
 
 def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from (run seed, source, epoch, ...), stable across runs and platforms."""
+    """A 64-bit key from (run seed, source, epoch, ...), stable across runs and platforms."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return int.from_bytes(digest[:8], "little")
 
 
-def permutation(n: int, *seed_parts: object) -> np.ndarray:
-    """A seeded permutation of range(n) (int64)."""
-    g = torch.Generator().manual_seed(derive_seed(*seed_parts))
-    return torch.randperm(n, generator=g).numpy()
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 arrays (wrapping arithmetic)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+class IndexPermutation:
+    """A seeded permutation of range(n) evaluated pointwise: `perm(i)` for any i, in O(1)
+    memory (a 4-round Feistel network on the next even power of two, cycle-walking back
+    into range). The training order is then a pure function of (seed, epoch, position)."""
+
+    ROUNDS = 4
+
+    def __init__(self, n: int, *seed_parts: object) -> None:
+        if n < 1:
+            raise ValueError(f"cannot permute {n} items")
+        self.n = n
+        bits = max(2, (n - 1).bit_length())
+        bits += bits & 1
+        self.half = np.uint64(bits // 2)
+        self.mask = np.uint64((1 << (bits // 2)) - 1)
+        self.keys = [np.uint64(derive_seed(*seed_parts, r)) for r in range(self.ROUNDS)]
+
+    def __call__(self, index: np.ndarray | int) -> np.ndarray:
+        x = np.atleast_1d(np.asarray(index, dtype=np.uint64)).copy()
+        todo = np.ones(len(x), dtype=bool)
+        while todo.any():
+            v = x[todo]
+            left, right = v >> self.half, v & self.mask
+            for key in self.keys:
+                left, right = right, left ^ (_mix64(right ^ key) & self.mask)
+            v = (left << self.half) | right
+            x[todo] = v
+            todo[todo] = v >= np.uint64(self.n)
+        return x.astype(np.int64)

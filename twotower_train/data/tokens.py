@@ -36,7 +36,11 @@ class DocumentTokenizer:
         else:  # a slow (Python) tokenizer
             self._encode = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]
             spec = f"{type(tokenizer).__name__}:{sorted(tokenizer.get_vocab().items())}"
+        # The cache key: exactly this tokenizer (any change re-tokenises).
         self.fingerprint = hashlib.sha256(f"{spec}|eos={self.eos_id}".encode()).hexdigest()[:16]
+        # The resume check: the vocabulary and EOS, stable across library versions.
+        vocab = sorted(tokenizer.get_vocab().items())
+        self.vocab_fingerprint = hashlib.sha256(f"{vocab}|{self.eos_id}".encode()).hexdigest()[:16]
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         return self._encode(texts) if texts else []
@@ -55,15 +59,16 @@ class TokenChunk:
     def take(self, order: np.ndarray) -> TokenChunk:
         """The same documents in `order` (a permutation of range(num_docs))."""
         lens = self.doc_tokens + 1
-        starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
-        index = np.concatenate([np.arange(starts[i], starts[i] + lens[i]) for i in order])
+        starts = np.cumsum(lens) - lens
+        new_lens = lens[order]
+        # output position p of new document j reads input starts[order[j]] + (p - out_start[j])
+        shift = starts[order] - (np.cumsum(new_lens) - new_lens)
+        index = np.repeat(shift, new_lens) + np.arange(int(new_lens.sum()))
         return TokenChunk(self.tokens[index], self.flags[index], self.doc_tokens[order])
 
     @staticmethod
     def empty() -> TokenChunk:
-        return TokenChunk(
-            np.zeros(0, np.int32), np.zeros(0, np.uint8), np.zeros(0, np.int64)
-        )
+        return TokenChunk(np.zeros(0, np.int32), np.zeros(0, np.uint8), np.zeros(0, np.int64))
 
 
 def short_histogram(doc_tokens: np.ndarray) -> np.ndarray:

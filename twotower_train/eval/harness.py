@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from twotower_train.config import EvalConfig as _EvalConfig
 from twotower_train.eval import likelihood, tasks
 from twotower_train.eval.report import TaskScore, build_report, log_report, write_report
 from twotower_train.generate import (
@@ -32,23 +33,31 @@ from twotower_train.generate import (
 )
 from twotower_train.model import TwoTowerModel
 
+EvalConfig = _EvalConfig  # the `eval:` section of the Hydra schema (config.py)
 
-@dataclass
-class EvalConfig:
-    """Mirrored by the ``eval:`` section of the Hydra schema (simple types only)."""
 
-    tasks: list[str] = field(default_factory=lambda: list(tasks.DEFAULT_TASKS))
-    max_examples_per_task: int = 200  # also the number of perplexity rows
-    threshold: float = 0.8  # main confidence threshold of diffusion decoding
-    steps_per_block: int | None = None  # null = block size
-    max_new_tokens: int = 24
-    threshold_sweep: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95])
-    elbo_samples: int = 4
-    seed: int = 0
-    batch_size: int = 32
-    speed_examples: int = 32  # prompts decoded at batch 1 for tokens/s (0 = skip)
-    perplexity_seq_len: int = 128  # rounded up to a multiple of the block size
-    elbo_schedule: str = "linear"  # only matters for a time-conditioned denoiser
+def evaluate_run(cfg) -> dict:
+    """`python -m twotower_train mode=eval`: score a released two-tower model (default
+    `run.dir/release`) against its backbone; the report goes to `run.dir/eval/`."""
+    from twotower_train.metrics import MetricsLogger, info
+    from twotower_train.release import load_release
+
+    run_dir = Path(cfg.run.dir)
+    release = Path(cfg.eval.release) if cfg.eval.release else run_dir / "release"
+    model, tokenizer = load_release(release)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logger = MetricsLogger(cfg, run_dir)
+    try:
+        report = evaluate(model, tokenizer, cfg.eval, run_dir / "eval", logger)
+    finally:
+        logger.close()
+    info(
+        f"retained {report['retained']:.4f} at {report['tokens_per_forward']:.2f} tokens per "
+        f"denoiser forward, {report['speedup_vs_ar']:.2f}x AR tokens/s; {run_dir / 'eval'}"
+    )
+    return report
 
 
 def _decode_cfg(cfg: EvalConfig, threshold: float, batch_size: int) -> DecodeConfig:

@@ -1,0 +1,220 @@
+"""The retained-performance harness, likelihoods, tasks and the lm-eval adapter (CPU)."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from twotower_train.data.tiny_world import load_tokenizer
+from twotower_train.eval import likelihood, tasks
+from twotower_train.eval.harness import EvalConfig, evaluate
+from twotower_train.eval.report import REPORT_KEYS, TaskScore, retained_ratios
+from twotower_train.model import TwoTowerModel
+from twotower_train.model.tiny import tiny_backbone
+
+MASK, BS = 2, 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def hf_backbone():
+    return tiny_backbone("llama", vocab_size=2048)  # the tiny world's vocabulary
+
+
+@pytest.fixture(scope="module")
+def model(hf_backbone):
+    return TwoTowerModel.from_backbone(
+        copy.deepcopy(hf_backbone), block_size=BS, mask_token_id=MASK
+    )
+
+
+# -- tasks and ratios -------------------------------------------------------------------------
+
+
+def test_mc_examples_are_deterministic_and_well_formed():
+    items = tasks.mc_examples()
+    assert items == tasks.mc_examples()
+    assert len(items) == tasks.MC_PER_TASK * len(tasks.GENERATION_TASKS)
+    answers = {ex["prompt"]: ex["answer"] for ex in tasks.load_test_tasks()}
+    for item in items:
+        assert len(set(item["choices"])) == 4
+        assert item["choices"][item["label"]] == answers[item["prompt"]]
+    assert [it["task"] for it in tasks.mc_examples(5)] == list(tasks.GENERATION_TASKS)
+
+
+def test_retained_ratios():
+    scores = [
+        TaskScore("a", "em", backbone=0.8, twotower=0.4),
+        TaskScore("b", "em", backbone=0.2, twotower=0.2),
+        TaskScore("z", "em", backbone=0.0, twotower=0.1),  # no ratio of its own
+        TaskScore("ppl", "ppl", backbone=2.0, twotower=4.0, higher_is_better=False),
+    ]
+    retained, mean_of_ratios = retained_ratios(scores)
+    assert retained == pytest.approx((0.4 + 0.2 + 0.1) / (0.8 + 0.2 + 0.0))
+    assert mean_of_ratios == pytest.approx((0.5 + 1.0) / 2)
+    assert scores[2].retained is None and scores[3].retained == 0.5
+
+
+# -- likelihoods ------------------------------------------------------------------------------
+
+
+def test_ar_loglikelihood_equals_hf(model, hf_backbone):
+    requests = [([5, 6, 7], [8, 9]), ([10, 11], [12, 13, 14, 15, 16]), ([4], [4])]
+    got = likelihood.ar_loglikelihood(model, requests, batch_size=2)
+    for (ctx, cont), (lp, greedy) in zip(requests, got):
+        with torch.no_grad():
+            logp = hf_backbone(torch.tensor([ctx + cont])).logits[0].log_softmax(-1)
+        rows = logp[len(ctx) - 1 : -1]
+        assert lp == pytest.approx(float(rows.gather(-1, torch.tensor(cont)[:, None]).sum()), 1e-4)
+        assert greedy == bool((rows.argmax(-1) == torch.tensor(cont)).all())
+
+
+def test_denoiser_loglikelihood_is_the_left_to_right_chain(model):
+    ctx, cont = [5, 6, 7], [8, 9, 10, 11, 12, 13]  # two blocks: 4 + 2 tokens
+    (lp, _), (lp_batched, _) = likelihood.denoiser_loglikelihood(
+        model, [(ctx, cont), (ctx, cont)], max_rows=3
+    )[:2]
+    expected = 0.0
+    with torch.no_grad():
+        for k in range(2):
+            cache, _ = model.context_extend(None, torch.tensor([ctx + cont[: k * BS]]))
+            chunk = cont[k * BS : (k + 1) * BS]
+            for i, tok in enumerate(chunk):
+                noisy = torch.tensor([chunk[:i] + [MASK] * (BS - i)])
+                logits = model.denoise_block(cache, noisy)[0, i]
+                logits[MASK] = -torch.inf
+                expected += float(logits.log_softmax(-1)[tok])
+    assert lp == pytest.approx(expected, rel=1e-5) and lp_batched == pytest.approx(lp, rel=1e-6)
+
+
+def test_perplexity_and_elbo(model, tokenizer):
+    rows = tasks.perplexity_rows(tokenizer, 16, limit=6)
+    assert rows.shape == (6, 16) and (rows == tokenizer.eos_token_id).any()
+    nll, n = likelihood.ar_nll(model, rows, batch_size=4)
+    assert n == 6 * 15 and 0 < nll / n < 20
+    a, per = likelihood.diffusion_elbo(model, rows, samples=2, seed=3, batch_size=4)
+    b, _ = likelihood.diffusion_elbo(model, rows, samples=2, seed=3, batch_size=6)
+    assert len(per) == 2 and a == pytest.approx(b, rel=1e-5) and 0 < a < 100
+
+
+# -- the harness end to end -------------------------------------------------------------------
+
+
+class _WandbRun:
+    def __init__(self):
+        self.logged, self.summary = [], {}
+
+    def log(self, payload, step=None):
+        self.logged.append((step, payload))
+
+
+class _Logger:
+    def __init__(self):
+        self.records = []
+        self.wandb = _WandbRun()
+
+    def log(self, step, metrics):
+        self.records.append((step, metrics))
+
+
+def test_evaluate_writes_the_report(model, tokenizer, tmp_path):
+    cfg = EvalConfig(
+        max_examples_per_task=2,
+        max_new_tokens=6,
+        threshold_sweep=[0.5, 0.95],
+        elbo_samples=1,
+        speed_examples=2,
+        perplexity_seq_len=16,
+        batch_size=8,
+    )
+    logger = _Logger()
+    model.train()
+    report = evaluate(model, tokenizer, cfg, tmp_path / "eval", logger=logger, step=7)
+    assert model.denoiser.training  # the training flag is restored
+    model.eval()
+    on_disk = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    for key in REPORT_KEYS:
+        assert key in on_disk
+    names = [t["name"] for t in on_disk["tasks"]]
+    assert names == [*tasks.GENERATION_TASKS, tasks.MC_TASK, tasks.PERPLEXITY]
+    for t in on_disk["tasks"]:
+        assert {"name", "metric", "backbone", "twotower", "retained"} <= set(t)
+    assert on_disk["retained_tasks"] == names[:-1]
+    assert [r["threshold"] for r in on_disk["sweep"]] == [0.5, 0.8, 0.95]
+    assert on_disk["tokens_per_forward"] >= 1.0 and on_disk["speedup_vs_ar"] > 0
+    md = (tmp_path / "eval" / "report.md").read_text()
+    assert "| add | exact_match |" in md and "retained" in md
+    png = (tmp_path / "eval" / "retained_vs_tokens_per_forward.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    step, metrics = logger.records[0]
+    assert step == 7 and "eval/tokens_per_forward" in metrics
+    ((wb_step, payload),) = logger.wandb.logged  # the side-by-side table and the plot
+    assert wb_step == 7 and len(payload["eval/table"].data) == len(names)
+    tpf = logger.wandb.summary["eval/tokens_per_forward"]
+    assert tpf == pytest.approx(report["tokens_per_forward"])
+
+
+def test_unknown_task_is_refused(model, tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="unknown eval task"):
+        evaluate(model, tokenizer, EvalConfig(tasks=["nope"]), tmp_path)
+
+
+# -- lm-evaluation-harness adapter ------------------------------------------------------------
+
+
+def test_lm_eval_adapter_offline(model, tokenizer, monkeypatch):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.tasks import TaskManager
+
+    from twotower_train.eval.lm_eval_adapter import LOCAL_TASKS, TwoTowerLM
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    manager = TaskManager(include_path=str(LOCAL_TASKS), include_defaults=False)
+    items = tasks.mc_examples(3)
+    for tower, score in (
+        ("backbone", likelihood.ar_loglikelihood),
+        ("twotower", likelihood.denoiser_loglikelihood),
+    ):
+        lm = TwoTowerLM(model, tokenizer, tower=tower, batch_size=8)
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=["tiny_world_mc", "tiny_world_gen"],
+            task_manager=manager,
+            limit=3,
+            bootstrap_iters=0,
+        )
+        results = out["results"]
+        assert 0.0 <= results["tiny_world_mc"]["acc,none"] <= 1.0
+        assert 0.0 <= results["tiny_world_gen"]["exact_match,none"] <= 1.0
+        # the adapter's loglikelihood is the harness's, request for request
+        first = items[0]
+        reqs = [
+            Instance("loglikelihood", {}, (first["prompt"], c), i)
+            for i, c in enumerate(first["choices"])
+        ]
+        direct = score(
+            model,
+            [tasks.split_continuation(tokenizer, first["prompt"], c) for c in first["choices"]],
+        )
+        assert [lp for lp, _ in lm.loglikelihood(reqs)] == pytest.approx([lp for lp, _ in direct])
+        rolling = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("a b c",), 0)])
+        assert len(rolling) == 1 and rolling[0] < 0
+        gen = lm.generate_until(
+            [Instance("generate_until", {}, ("add 1 2 =", {"until": [" "], "max_gen_toks": 5}), 0)]
+        )
+        assert len(gen) == 1 and " " not in gen[0]

@@ -1,0 +1,215 @@
+"""Block-diffusion decoding and the AR baseline (``twotower_train/generate.py``), CPU fp32."""
+
+import copy
+
+import pytest
+import torch
+
+from twotower_train.generate import (
+    DecodeConfig,
+    GenerationStats,
+    ar_generate,
+    choose_tokens,
+    confidence_unmask_step,
+    diffusion_generate,
+    filter_logits,
+)
+from twotower_train.model import TwoTowerModel
+from twotower_train.model.tiny import FAMILIES, tiny_backbone
+
+MASK, BS = 127, 4
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [3, 4, 5, 6, 7, 8, 9, 10], [20, 21, 22]]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+_BACKBONES: dict = {}
+
+
+def backbone(family):
+    if family not in _BACKBONES:
+        _BACKBONES[family] = tiny_backbone(family)
+    return _BACKBONES[family]
+
+
+def build(family, **kwargs):
+    return TwoTowerModel.from_backbone(
+        copy.deepcopy(backbone(family)), block_size=BS, mask_token_id=MASK, **kwargs
+    )
+
+
+# -- pure step math ---------------------------------------------------------------------------
+
+
+def test_unmask_step_commits_threshold_and_minimum():
+    block = torch.full((2, 4), MASK)
+    ids = torch.tensor([[10, 11, 12, 13], [20, 21, 22, 23]])
+    conf = torch.tensor([[0.9, 0.2, 0.95, 0.1], [0.3, 0.4, 0.2, 0.1]])
+    out = confidence_unmask_step(block, ids, conf, mask_id=MASK, threshold=0.8, steps_left=4)
+    # row 0: both confident positions; row 1: none confident -> ceil(4 / 4) = 1, the best
+    assert out.tolist() == [[10, MASK, 12, MASK], [MASK, 21, MASK, MASK]]
+    # steps_left = 2 -> at least ceil(4 / 2) = 2 per row
+    out = confidence_unmask_step(block, ids, conf, mask_id=MASK, threshold=2.0, steps_left=2)
+    assert out.tolist() == [[10, MASK, 12, MASK], [20, 21, MASK, MASK]]
+    # last step commits everything left; committed positions stay; width limits the span
+    half = torch.tensor([[10, MASK, MASK, MASK]])
+    out = confidence_unmask_step(
+        half, ids[:1] + 100, conf[:1], mask_id=MASK, threshold=2.0, steps_left=1, width=3
+    )
+    assert out.tolist() == [[10, 111, 112, MASK]]
+    # inactive rows are left alone
+    out = confidence_unmask_step(
+        block,
+        ids,
+        conf,
+        mask_id=MASK,
+        threshold=0.0,
+        steps_left=1,
+        active=torch.tensor([False, True]),
+    )
+    assert out[0].tolist() == [MASK] * 4 and out[1].tolist() == ids[1].tolist()
+
+
+def test_filters_and_choice():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]
+    p = logits.softmax(-1)[0]  # 0.64, 0.24, 0.09, 0.03
+    kept = ~torch.isinf(filter_logits(logits, top_p=0.7))
+    assert kept.tolist() == [[True, True, False, False]]
+    assert p[0] < 0.7 < p[0] + p[1]
+    ids, conf = choose_tokens(logits)
+    assert ids.tolist() == [0] and conf.item() == pytest.approx(p[0].item())
+    g = torch.Generator().manual_seed(0)
+    ids, conf = choose_tokens(logits.expand(64, 4), temperature=1.0, top_k=1, generator=g)
+    assert ids.eq(0).all()  # top-k 1 sampling is greedy
+    g = torch.Generator().manual_seed(0)
+    ids, conf = choose_tokens(logits.expand(256, 4), temperature=1.0, top_p=0.7, generator=g)
+    assert set(ids.tolist()) == {0, 1}
+    assert torch.allclose(conf, p[ids])  # the model's own probability of the sampled token
+
+
+# -- decoding ---------------------------------------------------------------------------------
+
+
+def test_one_token_per_step_when_threshold_unreachable():
+    model = build("llama")
+    seen = []
+    inner = model.denoise_block
+
+    def spy(cache, block, t=None):
+        seen.append(int((block == MASK).sum()))
+        return inner(cache, block, t)
+
+    model.denoise_block = spy
+    cfg = DecodeConfig(threshold=1.5, steps_per_block=BS, max_new_tokens=10, stop_at_eos=False)
+    outs, stats = diffusion_generate(model, PROMPTS[:1], cfg, eos_id=None)
+    assert len(outs[0]) == 10
+    # blocks of 4, 4, then 2 needed positions (of a 4-wide block): one commit per forward
+    assert seen == [4, 3, 2, 1, 4, 3, 2, 1, 4, 3]
+    assert stats.denoiser_forwards == 10 and stats.tokens_per_forward == 1.0
+    assert stats.context_forwards == 3  # prompt + two finished blocks (not the last one)
+
+
+def test_low_threshold_decodes_in_fewer_forwards():
+    model = build("llama")
+    cfg = DecodeConfig(threshold=0.0, max_new_tokens=8, stop_at_eos=False)
+    outs, stats = diffusion_generate(model, PROMPTS, cfg, eos_id=None)
+    assert all(len(o) == 8 for o in outs)
+    assert stats.denoiser_forwards == len(PROMPTS) * 2  # every block in one forward
+    assert stats.tokens_per_forward == 4.0 and stats.new_tokens == 32
+    assert stats.wall_s > 0 and stats.tokens_per_s > 0
+
+
+@pytest.mark.parametrize("family", ["llama", "nemotron_h"])
+def test_batched_equals_unbatched(family):
+    model = build(family)
+    cfg = DecodeConfig(threshold=0.3, max_new_tokens=9, stop_at_eos=False)
+    batched, stats = diffusion_generate(model, PROMPTS, cfg, eos_id=None)
+    single = [diffusion_generate(model, [p], cfg, eos_id=None)[0][0] for p in PROMPTS]
+    assert batched == single
+    sub = diffusion_generate(model, PROMPTS, DecodeConfig(**{**vars(cfg), "batch_size": 1}), None)
+    assert sub[0] == batched and sub[1].denoiser_forwards == stats.denoiser_forwards
+    ar_batched, _ = ar_generate(model, PROMPTS, cfg, eos_id=None)
+    assert ar_batched == [ar_generate(model, [p], cfg, eos_id=None)[0][0] for p in PROMPTS]
+    # with an EOS some rows stop early and leave the batch (and its cache)
+    for gen, outs in ((diffusion_generate, batched), (ar_generate, ar_batched)):
+        eos = outs[0][3]
+        stop = DecodeConfig(**{**vars(cfg), "stop_at_eos": True})
+        cut, _ = gen(model, PROMPTS, stop, eos_id=eos)
+        assert cut == [gen(model, [p], stop, eos_id=eos)[0][0] for p in PROMPTS]
+        assert len(cut[0]) <= 3 and any(len(c) == 9 for c in cut)
+
+
+def test_stops_at_eos():
+    model = build("llama")
+    cfg = DecodeConfig(threshold=0.0, max_new_tokens=12, stop_at_eos=False)
+    for gen in (ar_generate, diffusion_generate):
+        full, _ = gen(model, PROMPTS[:1], cfg, eos_id=None)
+        eos = full[0][5]
+        cut, stats = gen(model, PROMPTS[:1], DecodeConfig(threshold=0.0, max_new_tokens=12), eos)
+        assert cut[0] == full[0][: full[0].index(eos)]
+        assert stats.new_tokens == len(cut[0]) + 1  # the EOS was decoded too
+
+
+def test_sampling_is_seeded():
+    model = build("llama")
+    cfg = DecodeConfig(temperature=1.0, top_k=20, top_p=0.9, max_new_tokens=8, stop_at_eos=False)
+    a = diffusion_generate(model, PROMPTS, cfg, None, generator=torch.Generator().manual_seed(3))
+    b = diffusion_generate(model, PROMPTS, cfg, None, generator=torch.Generator().manual_seed(3))
+    assert a[0] == b[0]
+    assert GenerationStats.combine([a[1], b[1]]).new_tokens == 2 * a[1].new_tokens
+
+
+@pytest.mark.parametrize("family", ["llama", "nemotron_h"])
+def test_ar_baseline_equals_hf_greedy_generate(family):
+    model = build(family)
+    hf_model = backbone(family)
+    cfg = DecodeConfig(max_new_tokens=10, stop_at_eos=False)
+    outs, stats = ar_generate(model, PROMPTS, cfg, eos_id=None)
+    for prompt, out in zip(PROMPTS, outs):
+        hf = hf_model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=10,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+        assert hf[0, len(prompt) :].tolist() == out
+    assert stats.tokens_per_forward == 1.0 and stats.denoiser_forwards == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_extended_cache_equals_recomputed_prefix(family):
+    """Every denoiser call of a decode reads a cache grown block by block; recomputing the
+    cache from the whole prefix in one forward gives the same logits (K/V and Mamba states),
+    and so do the context tower's own logits."""
+    model = build(family)
+    calls = []
+    inner = model.denoise_block
+
+    def spy(cache, block, t=None):
+        logits = inner(cache, block, t)
+        calls.append((cache.length, block.clone(), logits))
+        return logits
+
+    model.denoise_block = spy
+    prompt = PROMPTS[0]  # 5 tokens: blocks do not start at multiples of the block size
+    cfg = DecodeConfig(threshold=0.5, max_new_tokens=12, stop_at_eos=False)
+    outs, _ = diffusion_generate(model, [prompt], cfg, eos_id=None)
+    seq = torch.tensor([prompt + outs[0]])
+    assert len({length for length, _, _ in calls}) == 3  # three cached prefix lengths
+    for length, block, logits in calls:
+        cache, _ = model.context_extend(None, seq[:, :length])
+        assert torch.allclose(inner(cache, block), logits, atol=1e-5, rtol=1e-4)
+    grown, parts = None, []
+    for start, stop in [(0, 5), (5, 9), (9, 13), (13, 17)]:
+        grown, logits = model.context_extend(grown, seq[:, start:stop])
+        parts.append(logits)
+    full = model.context_logits(seq)
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-4)

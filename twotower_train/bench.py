@@ -1,0 +1,303 @@
+"""Micro-benchmarks: `python -m twotower_train.bench COMMAND [options]`.
+
+    data      packed tokens/s of the data loader: the shipped corpus (map-style cold and
+              warm, streaming) and a generated 1 GB jsonl (streaming)
+    doc-mask  two-tower training step time with and without document masking
+    decode    AR vs block-diffusion decoding: tokens/s, tokens per denoiser forward
+
+Each command prints one line per measurement and a final JSON line. Add a command by
+writing `add_X_args(parser)` and `run_X(args)` and listing them in COMMANDS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # as the training CLI runs it
+
+
+def _say(msg: str) -> None:
+    print(f"[bench] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------
+# bench data
+# ---------------------------------------------------------------------------------------
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seq-len", type=int, default=128, help="row length (tiny recipe: 128)")
+    p.add_argument("--micro-batch-size", type=int, default=16, help="rows per batch")
+    p.add_argument(
+        "--tokens", type=float, default=10e6, help="packed tokens to time per streaming run"
+    )
+    p.add_argument("--jsonl-gb", type=float, default=1.0, help="size of the generated jsonl")
+    p.add_argument("--jsonl", type=Path, default=None, help="time this jsonl instead")
+    p.add_argument("--full", action="store_true", help="stream the whole jsonl, and cache it")
+    p.add_argument("--skip-jsonl", action="store_true", help="only the shipped corpus")
+    p.add_argument(
+        "--train-tokens-per-s",
+        type=float,
+        default=None,
+        help="training tokens/s to compare with (the tiny recipe's `tokens_per_s`)",
+    )
+
+
+def generate_jsonl(path: Path, size_bytes: int, seed: int = 0) -> None:
+    """A jsonl of `size_bytes` whose documents are 1-30 tiny-world paragraphs/tasks each."""
+    from twotower_train.data.tiny_world import load_train_documents
+
+    pieces = load_train_documents()
+    rng = random.Random(seed)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written, i = 0, 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        while written < size_bytes:
+            lines = []
+            for _ in range(1000):
+                text = " ".join(rng.choices(pieces, k=rng.randint(1, 30)))
+                lines.append(json.dumps({"id": i, "text": text}) + "\n")
+                i += 1
+            block = "".join(lines)
+            f.write(block)
+            written += len(block.encode())
+    os.replace(tmp, path)
+
+
+def _time_batches(loader, tokens: float, seq_len: int, b: int) -> tuple[float, int]:
+    """Wall seconds and packed tokens of `next_batch` calls until `tokens` are produced."""
+    n = max(1, int(tokens // (seq_len * b)))
+    t0 = time.perf_counter()
+    for _ in range(n):
+        loader.next_batch()
+    return time.perf_counter() - t0, n * seq_len * b
+
+
+def _stream_all(loader, seq_len: int, b: int) -> tuple[float, int]:
+    """Stream until the first source finishes one epoch."""
+    source = loader.sources[0]
+    t0 = time.perf_counter()
+    n = 0
+    while source.epoch == 0:
+        loader.next_batch()
+        n += 1
+    return time.perf_counter() - t0, n * seq_len * b
+
+
+def run_data(args: argparse.Namespace) -> dict:
+    from twotower_train.config import DataConfig, DataSource, DataSourceConfig, SourceKind
+    from twotower_train.data.loader import build_loader
+    from twotower_train.data.sources import default_cache_dir
+    from twotower_train.data.tiny_world import load_tokenizer
+
+    tok = load_tokenizer()
+    L, b = args.seq_len, args.micro_batch_size
+    quiet = lambda msg: None  # noqa: E731
+    results: dict[str, float] = {}
+
+    def report(key: str, tokens: float, seconds: float, what: str) -> None:
+        rate = tokens / seconds
+        results[key] = rate
+        extra = ""
+        if args.train_tokens_per_s:
+            extra = f" = {rate / args.train_tokens_per_s:.0f}x training"
+        _say(f"{what}: {tokens / 1e6:.1f}M tokens in {seconds:.1f}s -> {rate:,.0f} tokens/s{extra}")
+
+    kw = dict(seed=0, micro_batch_size=b, rank=0, world_size=1, log=quiet)
+    with tempfile.TemporaryDirectory() as cache:
+        cfg = DataConfig(seq_len=L, val_sequences=0, cache_dir=cache)
+        t0 = time.perf_counter()
+        loader = build_loader(cfg, tok, **kw)
+        seconds = time.perf_counter() - t0
+        rows = loader.sources[0]
+        report(
+            "tiny_world/map_cold",
+            rows.num_rows * L,
+            seconds,
+            "shipped corpus, map-style, cold cache (tokenise + pack)",
+        )
+        loader = build_loader(cfg, tok, **kw)
+        seconds, n = _time_batches(loader, args.tokens, L, b)
+        report("tiny_world/map_warm", n, seconds, "shipped corpus, map-style, warm cache (batches)")
+    cfg = DataConfig(seq_len=L, val_sequences=0, streaming=True)
+    t0 = time.perf_counter()
+    loader = build_loader(cfg, tok, **kw)
+    seconds, n = _time_batches(loader, args.tokens, L, b)
+    report("tiny_world/streaming", n, time.perf_counter() - t0, "shipped corpus, streaming")
+
+    if not args.skip_jsonl:
+        path = args.jsonl
+        if path is None:
+            size = int(args.jsonl_gb * 2**30)
+            path = default_cache_dir() / "bench" / f"synthetic-{args.jsonl_gb:g}gb.jsonl"
+            if not path.is_file() or path.stat().st_size < size:
+                _say(f"generating {path} ({args.jsonl_gb:g} GB) ...")
+                t0 = time.perf_counter()
+                generate_jsonl(path, size)
+                _say(f"generated in {time.perf_counter() - t0:.0f}s")
+        src = DataSourceConfig(kind=SourceKind.jsonl, path=str(path))
+        cfg = DataConfig(
+            source=DataSource.mixture, sources=[src], seq_len=L, val_sequences=0, streaming=True
+        )
+        gb = path.stat().st_size / 2**30
+        t0 = time.perf_counter()
+        loader = build_loader(cfg, tok, **kw)
+        if args.full:
+            seconds, n = _stream_all(loader, L, b)
+            what = f"{gb:.2f} GB jsonl, streaming, whole file"
+        else:
+            seconds, n = _time_batches(loader, args.tokens, L, b)
+            what = f"{gb:.2f} GB jsonl, streaming, first {n / 1e6:.0f}M tokens"
+        report("jsonl/streaming", n, time.perf_counter() - t0, what)
+        if args.full:
+            with tempfile.TemporaryDirectory() as cache:
+                cfg.streaming, cfg.cache_dir = False, cache
+                t0 = time.perf_counter()
+                loader = build_loader(cfg, tok, **kw)
+                seconds = time.perf_counter() - t0
+                report(
+                    "jsonl/map_cold",
+                    loader.sources[0].num_rows * L,
+                    seconds,
+                    f"{gb:.2f} GB jsonl, map-style, cold cache",
+                )
+    return results
+
+
+# ---------------------------------------------------------------------------------------
+# bench doc-mask
+# ---------------------------------------------------------------------------------------
+
+
+def add_doc_mask_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", default="tiny")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per setting")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+
+
+def run_doc_mask(args: argparse.Namespace) -> dict:
+    """Median optimizer-step time of the recipe's objective through its DeepSpeed engine,
+    alternating doc_ids off / on every step (same batches, same engine)."""
+    import torch
+
+    from twotower_train.backbones import load_backbone, load_tokenizer
+    from twotower_train.config import batch_arithmetic, compose
+    from twotower_train.data.loader import build_loader
+    from twotower_train.engine.deepspeed_engine import build_engine
+    from twotower_train.engine.distributed import device_for, init_distributed
+    from twotower_train.train import build_objective
+
+    cfg = compose([f"recipe={args.recipe}", *args.overrides])
+    env = init_distributed()
+    device = device_for(env)
+    grad_accum, _ = batch_arithmetic(cfg.train, env.world_size)
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(cfg.backbone)
+    module = build_objective(cfg, load_backbone(cfg.backbone, tokenizer), tokenizer)
+    if not hasattr(module, "doc_mask"):
+        raise SystemExit(
+            f"recipe {args.recipe}: objective {cfg.train.objective.value} has no doc mask"
+        )
+    engine, _, _ = build_engine(module.to(device), cfg, grad_accum, env.world_size)
+    loader = build_loader(
+        cfg.data,
+        tokenizer,
+        seed=0,
+        micro_batch_size=cfg.train.micro_batch_size,
+        rank=0,
+        world_size=1,
+        block_size=cfg.denoiser.block_size,
+        log=lambda msg: None,
+    )
+    times: dict[bool, list[float]] = {False: [], True: []}
+    docs_per_row = []
+    for i in range(2 * (args.warmup + args.steps)):
+        doc_mask = bool(i % 2)
+        if not doc_mask:
+            batch = {k: v.to(device) for k, v in loader.next_batch().items()}
+            docs_per_row.append(float(batch["doc_ids"].max(dim=1).values.float().mean()) + 1)
+        module.doc_mask = doc_mask
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(grad_accum):
+            out = engine(batch)
+            engine.backward(out["loss"])
+            engine.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2 * args.warmup:
+            times[doc_mask].append(time.perf_counter() - t0)
+    off, on = statistics.median(times[False]), statistics.median(times[True])
+    cost = on / off - 1
+    _say(
+        f"{args.recipe} on {device.type} ({torch.get_num_threads()} threads): seq_len "
+        f"{cfg.data.seq_len}, block {cfg.denoiser.block_size}, micro batch "
+        f"{cfg.train.micro_batch_size}, {statistics.mean(docs_per_row):.1f} documents per row"
+    )
+    _say(f"step without doc mask: {off * 1e3:.1f} ms (median of {args.steps})")
+    _say(f"step with doc mask:    {on * 1e3:.1f} ms (median of {args.steps}) -> {cost:+.1%}")
+    return {"step_ms_off": off * 1e3, "step_ms_on": on * 1e3, "cost": cost}
+
+
+# ---------------------------------------------------------------------------------------
+# bench decode (the code lives in twotower_train/eval/bench_decode.py)
+# ---------------------------------------------------------------------------------------
+
+
+def add_decode_args(p: argparse.ArgumentParser) -> None:
+    from twotower_train.eval.bench_decode import add_args
+
+    add_args(p)
+
+
+def run_decode(args: argparse.Namespace) -> dict:
+    """AR (context tower + KV cache) vs diffusion decoding on held-out tiny-world prompts."""
+    from twotower_train.eval.bench_decode import run
+
+    return run(args)
+
+
+# ---------------------------------------------------------------------------------------
+
+COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+    "data": ("packed tokens/s of the data loader", add_data_args, run_data),
+    "doc-mask": ("step time with and without document masking", add_doc_mask_args, run_doc_mask),
+    "decode": ("AR vs block-diffusion decoding tokens/s", add_decode_args, run_decode),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m twotower_train.bench", description=__doc__.split("\n")[0]
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_args, run) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text)
+        add_args(sub)
+        sub.set_defaults(run=run)
+    args = parser.parse_args(argv)
+    from twotower_train.config import ConfigError
+
+    try:
+        result = args.run(args)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"twotower_train.bench: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"bench": args.command, **result}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""An lm-evaluation-harness model (``lm_eval.api.model.LM``) over either tower.
+
+``tower="backbone"``: the context tower (the frozen AR backbone) -- log-likelihoods by the
+chain rule, generation with ``ar_generate``. ``tower="twotower"``: the denoiser --
+log-likelihoods decoded left to right one token per step (``likelihood.
+denoiser_loglikelihood``), generation with ``diffusion_generate``. Any lm-eval task runs
+against either, so both numbers come from the same prompts and metrics::
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    from twotower_train.eval.lm_eval_adapter import LOCAL_TASKS, TwoTowerLM
+
+    tm = TaskManager(include_path=str(LOCAL_TASKS), include_defaults=False)
+    for tower in ("backbone", "twotower"):
+        lm = TwoTowerLM(model, tokenizer, tower=tower)
+        out = lm_eval.simple_evaluate(model=lm, tasks=["tiny_world_mc"], task_manager=tm)
+
+From the command line (registered as ``twotower`` once this module is imported)::
+
+    python -m twotower_train.eval.lm_eval_adapter --model_args backbone=tiny_llama,tower=twotower \
+        --tasks tiny_world_mc --include_path twotower_train/eval/lm_eval_tasks
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from twotower_train.eval import likelihood
+from twotower_train.eval.tasks import continuation_text, split_continuation
+from twotower_train.generate import DecodeConfig, ar_generate, diffusion_generate
+from twotower_train.model import TwoTowerModel
+
+LOCAL_TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
+TOWERS = ("backbone", "twotower")
+
+
+@register_model("twotower")
+class TwoTowerLM(LM):
+    """lm-eval view of one tower of a ``TwoTowerModel``.
+
+    An empty context (e.g. ``loglikelihood_rolling``) is the EOS token, the separator the
+    model saw before every training document. Rolling log-likelihoods score the whole text
+    in one piece (no sliding window: texts must fit the backbone's positions).
+    """
+
+    def __init__(
+        self,
+        model: TwoTowerModel,
+        tokenizer,
+        tower: str = "twotower",
+        decode: DecodeConfig | None = None,
+        batch_size: int = 32,
+    ) -> None:
+        super().__init__()
+        if tower not in TOWERS:
+            raise ValueError(f"tower must be one of {TOWERS}, got {tower!r}")
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.tower = tower
+        self.decode = decode or DecodeConfig()
+        self.batch_size = int(batch_size)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        """``backbone=NAME_OR_PATH`` (fresh, untrained denoiser: smoke tests) or
+        ``release=PATH`` (``TwoTowerModel.from_release``); ``tower``, ``block_size``,
+        ``threshold``, ``steps_per_block``, ``batch_size``."""
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        """``--model_args`` as a dict (see ``create_from_arg_string``); lm-eval's extra
+        ``device`` / ``max_batch_size`` are ignored (the model stays where it is built)."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        args = {**arg_dict, **extra}
+        tower = args.get("tower", "twotower")
+        batch = args.get("batch_size") or 32
+        decode = DecodeConfig(
+            threshold=float(args.get("threshold", 0.8)),
+            steps_per_block=int(args["steps_per_block"]) if args.get("steps_per_block") else None,
+        )
+        if "release" in args:
+            model = TwoTowerModel.from_release(args["release"])
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(args["release"])
+        else:
+            from twotower_train.backbones import load_backbone, load_tokenizer
+            from twotower_train.config import BackboneConfig
+
+            bcfg = BackboneConfig(name_or_path=args.get("backbone", "tiny_llama"))
+            tokenizer = load_tokenizer(bcfg)
+            model = TwoTowerModel.from_backbone(
+                load_backbone(bcfg, tokenizer),
+                block_size=int(args.get("block_size", 16)),
+                mask_token_id=tokenizer.mask_token_id,
+            )
+        return cls(model, tokenizer, tower=tower, decode=decode, batch_size=int(batch))
+
+    # -- scoring ---------------------------------------------------------------------------
+    def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        eos = self.tokenizer.eos_token_id
+        pairs = [(ctx or [eos], cont) for ctx, cont in pairs]
+        if self.tower == "backbone":
+            return likelihood.ar_loglikelihood(self.model, pairs, self.batch_size)
+        return likelihood.denoiser_loglikelihood(self.model, pairs, self.batch_size)
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        pairs = [split_continuation(self.tokenizer, *req.args) for req in requests]
+        return self._score(pairs)
+
+    def loglikelihood_rolling(self, requests) -> list[float]:
+        pairs = [
+            ([], self.tokenizer.encode(req.args[0], add_special_tokens=False)) for req in requests
+        ]
+        return [lp for lp, _ in self._score(pairs)]
+
+    # -- generation ------------------------------------------------------------------------
+    def generate_until(self, requests) -> list[str]:
+        out: list[str | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
+        generate = ar_generate if self.tower == "backbone" else diffusion_generate
+        for idx in groups.values():
+            kwargs = dict(requests[idx[0]].args[1])
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            sample = bool(kwargs.get("do_sample", False)) and kwargs.get("temperature", 1.0) > 0
+            cfg = DecodeConfig(
+                threshold=self.decode.threshold,
+                steps_per_block=self.decode.steps_per_block,
+                max_new_tokens=int(kwargs.get("max_gen_toks", self.decode.max_new_tokens)),
+                temperature=float(kwargs.get("temperature", 1.0)) if sample else 0.0,
+                top_k=int(kwargs.get("top_k", 0) or 0) if sample else 0,
+                top_p=float(kwargs.get("top_p", 1.0) or 1.0) if sample else 1.0,
+                batch_size=self.batch_size,
+            )
+            prompts = [
+                self.tokenizer.encode(requests[i].args[0], add_special_tokens=False)
+                or [self.tokenizer.eos_token_id]
+                for i in idx
+            ]
+            news, _ = generate(self.model, prompts, cfg, self.tokenizer.eos_token_id)
+            for i, prompt, new in zip(idx, prompts, news):
+                text = continuation_text(self.tokenizer, prompt, new)
+                for stop in until:
+                    if stop and stop in text:
+                        text = text[: text.index(stop)]
+                out[i] = text
+                self.cache_hook.add_partial("generate_until", requests[i].args, text)
+        return out  # type: ignore[return-value]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``lm_eval`` with this adapter registered: ``--model twotower`` is implied."""
+    from lm_eval.__main__ import cli_evaluate
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--model" not in args:
+        args = ["--model", "twotower", *args]
+    sys.argv = ["lm_eval", *args]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
