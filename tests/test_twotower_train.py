@@ -110,7 +110,13 @@ def test_nemotron_h_two_tower_end_to_end(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "override", ["diffusion=elbo", "distill=none", "distill.direction=reverse", "denoiser.time_conditioning=true"]
+    "override",
+    [
+        "diffusion=elbo",
+        "distill=none",
+        "distill.direction=reverse",
+        "denoiser.time_conditioning=true",
+    ],
 )
 def test_objective_variants_train(tmp_path: Path, override: str) -> None:
     train(compose([*TT, "train.steps=2", override, f"run.dir={tmp_path / 'run'}"]))
