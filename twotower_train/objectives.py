@@ -54,7 +54,7 @@ class TwoTowerObjective(nn.Module):
         self.diffusion = cfg.diffusion
         self.distill = cfg.distill
         self.time_conditioning = cfg.denoiser.time_conditioning
-        self.doc_mask = getattr(cfg.data, "doc_mask", False)
+        self.doc_mask = cfg.data.doc_mask
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         ids, loss_mask = batch["input_ids"], batch["loss_mask"]
