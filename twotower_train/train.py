@@ -152,6 +152,16 @@ def train(cfg: Config) -> dict[str, float]:
 
     torch.manual_seed(cfg.run.seed)  # identical init on every rank
     tokenizer = load_tokenizer(cfg.backbone)
+    # Data first: bad input fails in seconds, before the model is built.
+    loader = build_loader(
+        cfg.data,
+        tokenizer,
+        seed=cfg.run.seed,
+        micro_batch_size=cfg.train.micro_batch_size,
+        rank=env.rank,
+        world_size=env.world_size,
+        block_size=cfg.denoiser.block_size if cfg.train.objective == Objective.twotower else None,
+    )
     backbone = load_backbone(cfg.backbone, tokenizer)
     template = copy.deepcopy(backbone) if cfg.train.objective == Objective.ar else None
     module = build_objective(cfg, backbone, tokenizer)
@@ -160,14 +170,6 @@ def train(cfg: Config) -> dict[str, float]:
     engine, _, scheduler = build_engine(module.to(device), cfg, grad_accum, env.world_size)
     torch.manual_seed(cfg.run.seed + 1000 * env.rank)  # per-rank noise from here on
 
-    loader = build_loader(
-        cfg.data,
-        tokenizer,
-        seed=cfg.run.seed,
-        micro_batch_size=cfg.train.micro_batch_size,
-        rank=env.rank,
-        world_size=env.world_size,
-    )
     ckpt = CheckpointManager(run_dir / "checkpoints", env, cfg.train.keep_last)
     step = 0
     tag = ckpt.latest_tag() if cfg.run.resume else None
