@@ -6,14 +6,7 @@ from torch import nn
 
 from twotower_train.model.mamba import causal_conv, segment_sum, ssd_scan
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add sync overhead, and stall on a busy 2-core box.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def naive_scan(x, dt, A, B, C, h, reset=None):
