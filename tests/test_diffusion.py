@@ -323,3 +323,26 @@ def test_kd_finite_with_banned_tokens(direction: str) -> None:
     kd = distillation_kl(student, teacher, masked, direction=direction)
     kd.backward()
     assert torch.isfinite(kd) and torch.isfinite(student.grad).all()
+
+
+def test_after_eos_targets():
+    from twotower_train.diffusion import after_eos_targets
+
+    ids = torch.tensor([[5, 6, 1, 7, 8, 9, 1, 4]])
+    in_doc = torch.tensor([[1, 1, 1, 0, 1, 1, 1, 0]], dtype=torch.bool)  # block 4, EOS at 2, 6
+    loss_mask = torch.tensor([[1, 1, 1, 0, 1, 1, 1, 1]], dtype=torch.bool)  # 3: next prompt
+    targets, maskable, scored = after_eos_targets(ids, in_doc, loss_mask, mode="ignore")
+    assert torch.equal(targets, ids)
+    # after the EOS every position may be masked, even the next document's prompt token:
+    # a position that never is would show where the document ended
+    assert maskable.all()
+    assert scored.tolist() == [[1, 1, 1, 0, 1, 1, 1, 0]]
+    targets, maskable, scored = after_eos_targets(ids, in_doc, loss_mask, mode="eos", eos_id=1)
+    assert targets.tolist() == [[5, 6, 1, 1, 8, 9, 1, 1]]
+    assert maskable.all() and scored.all()
+    targets, maskable, scored = after_eos_targets(ids, in_doc, loss_mask, mode="keep")
+    assert torch.equal(targets, ids) and maskable.all() and torch.equal(scored, loss_mask)
+    with pytest.raises(ValueError, match="eos_id"):
+        after_eos_targets(ids, in_doc, loss_mask, mode="eos")
+    with pytest.raises(ValueError, match="unknown after_eos"):
+        after_eos_targets(ids, in_doc, loss_mask, mode="drop")

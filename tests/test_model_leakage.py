@@ -79,12 +79,56 @@ def test_no_leakage(family, kwargs):
         assert torch.equal(dependency(model, clean, noisy, "noisy"), want_noisy)
 
 
-@pytest.mark.parametrize("family", ["llama", "nemotron_h"])
-def test_no_leakage_across_documents(family):
-    model = build(family, mamba_bidirectional=family == "nemotron_h")
-    clean, noisy = inputs(1)
-    docs = torch.tensor([0] * 5 + [1] * 2 + [2] * 5)  # boundaries inside blocks
-    want_clean, want_noisy = expected(LENGTH, BLOCK, docs)
+def expected_with_docs(length, block, docs):
+    """Dependencies with fixed ``docs [L]``: block n belongs to the document open at its start
+    (``docs[n * bs]``); it reads that document's clean tokens of blocks 0..n-1 and all of its
+    own noisy block, whatever boundary lies inside it. A block's first position reads the
+    context tower at the clean token before it, within that token's document."""
+    pos = torch.arange(length)
+    blk = pos // block
+    block_doc = docs[blk * block]
+    clean_dep = (blk[:, None] < blk[None, :]) & (docs[:, None] == block_doc[None, :])
+    starts = pos % block == 0
+    prev = (pos - 1).clamp(min=0)
+    start_dep = (pos[:, None] <= prev[None, :]) & (docs[:, None] == docs[prev][None, :])
+    start_dep[:, 0] = False
+    clean_dep[:, starts] = start_dep[:, starts]
+    noisy_dep = blk[:, None] == blk[None, :]
+    noisy_dep[:, starts] = False
+    return clean_dep, noisy_dep
+
+
+EOS = 1
+# Boundaries inside blocks (after 5 and 9), one closing a block (after 7: block 2 opens a
+# new document) and a masked EOS in block 1 (position 5).
+DOC_CLEAN = torch.tensor([[9, 20, 31, 42, 53, EOS, 64, EOS, 75, EOS, 86, 97]])
+DOC_MASKED = torch.tensor([[0, 1, 0, 0, 1, 1, 1, 1, 0, 1, 1, 0]], dtype=torch.bool)
+
+
+def docs_from_clean(clean, eos=EOS):
+    """Document ids as the loader builds them: an EOS closes its document."""
+    end = (clean == eos).long()
+    return torch.cumsum(end, dim=1) - end
+
+
+DOC_CASES = (
+    [(f, "sdpa", {}) for f in FAMILIES]
+    + [(f, "flex", {}) for f in FAMILIES]
+    + [
+        ("nemotron_h", "sdpa", {"mamba_bidirectional": True}),
+        ("qwen3", "sdpa", {"denoiser_layers": 2}),
+    ]
+)
+
+
+@pytest.mark.parametrize("family,attn,kwargs", DOC_CASES, ids=lambda c: str(c))
+def test_no_leakage_across_documents(family, attn, kwargs):
+    """Fixed documents: the exact dependency pattern of ``expected_with_docs``."""
+    model = build(family, attn_impl=attn, **kwargs)
+    clean = DOC_CLEAN
+    noisy = torch.where(DOC_MASKED, MASK, clean)
+    docs = docs_from_clean(clean)[0]
+    want_clean, want_noisy = expected_with_docs(LENGTH, BLOCK, docs)
 
     def fn(c, n):
         return model(c, n, doc_ids=docs.expand(c.shape[0], -1))
@@ -92,6 +136,51 @@ def test_no_leakage_across_documents(family):
     with torch.no_grad():
         assert torch.equal(dependency(fn, clean, noisy, "clean"), want_clean)
         assert torch.equal(dependency(fn, clean, noisy, "noisy"), want_noisy)
+
+
+@pytest.mark.parametrize("family,attn,kwargs", DOC_CASES, ids=lambda c: str(c))
+def test_masked_eos_cannot_be_read(family, attn, kwargs):
+    """The bug of issue 8: with ``doc_ids`` built from each clean row as the loader builds
+    them, making any MASKED token an EOS (or an EOS another token) must not move its own
+    block's logits nor any earlier block's -- through the one-pass forward and the
+    per-block reference alike."""
+    model = build(family, attn_impl=attn, **kwargs)
+    rows = [DOC_CLEAN[0]]
+    for p in range(LENGTH):
+        row = DOC_CLEAN[0].clone()
+        row[p] = 50 if row[p] == EOS else EOS
+        rows.append(row)
+    clean = torch.stack(rows)  # [1 + L, L]: row 0 the original, row 1 + p changes token p
+    noisy = torch.where(DOC_MASKED, MASK, clean)
+    docs = docs_from_clean(clean)
+    with torch.no_grad():
+        for out in (
+            model(clean, noisy, doc_ids=docs),
+            model.reference_forward(clean, noisy, doc_ids=docs),
+        ):
+            for p in range(LENGTH):
+                blk = p // BLOCK
+                keep = (blk + 1) * BLOCK if DOC_MASKED[0, p] else blk * BLOCK
+                diff = (out[1 + p, :keep] - out[0, :keep]).abs().max().item() if keep else 0.0
+                assert diff <= UNCHANGED, (p, diff)
+
+
+@pytest.mark.parametrize("family,attn,kwargs", DOC_CASES, ids=lambda c: str(c))
+def test_one_pass_equals_reference_with_documents(family, attn, kwargs):
+    """With documents the one-pass forward equals decoding each block after only its own
+    document's clean prefix (``reference_forward(..., doc_ids=)``)."""
+    model = build(family, attn_impl=attn, **kwargs)
+    g = torch.Generator().manual_seed(3)
+    clean = torch.randint(2, VOCAB - 1, (3, 4 * BLOCK), generator=g)
+    for row, eos_at in enumerate([(5, 7, 11), (3, 8, 15), ()]):
+        clean[row, list(eos_at)] = EOS
+    noisy = torch.where(torch.rand(clean.shape, generator=g) < 0.5, MASK, clean)
+    docs = docs_from_clean(clean)
+    with torch.no_grad():
+        out = model(clean, noisy, doc_ids=docs)
+        ref = model.reference_forward(clean, noisy, doc_ids=docs)
+    err = (out - ref).abs().max().item()
+    assert err <= 1e-5 * ref.abs().max().item(), err
 
 
 @pytest.mark.parametrize("family", ["qwen2", "nemotron_h"])

@@ -5,7 +5,7 @@ import torch
 
 from twotower_train.model import block_causal_mask, block_causal_mask_mod, denoiser_attention_mask
 from twotower_train.model.attention import attend, denoiser_block_mask, flex_available
-from twotower_train.model.masks import causal_mask, context_attention_mask
+from twotower_train.model.masks import block_document_ids, causal_mask, context_attention_mask
 
 # L = 6, block 2: rows = denoiser queries 0..5, columns = [context keys 0..5 ; own keys 0..5].
 EXPECTED_L6_B2 = torch.tensor(
@@ -62,17 +62,30 @@ def test_mask_mod_matches_dense(seq_len, block):
 
 
 def test_doc_mask_dense_and_mod():
+    """Block n belongs to the document open at its start (``docs[n * bs]``): its context keys
+    are that document's, its own block is never split, whatever boundary lies inside it."""
     docs = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 2]])
     dense = denoiser_attention_mask(6, 2, docs)[:, 0]  # [B, L, 2L]
     mod = _mask_from_mod(block_causal_mask_mod(6, 2, docs), 2, 6)
     assert torch.equal(dense, mod)
+    assert torch.equal(
+        block_document_ids(docs, 2), torch.tensor([[0, 0, 0, 0, 1, 1], [0, 0, 1, 1, 1, 1]])
+    )
     for b in range(2):
         for i in range(6):
+            block_doc = docs[b, (i // 2) * 2]
             for j in range(12):
-                same_doc = docs[b, i] == docs[b, j % 6]
+                same_doc = bool(docs[b, j] == block_doc) if j < 6 else True
                 assert dense[b, i, j] == (EXPECTED_L6_B2[i, j] & same_doc)
-    # q3 of sequence 0 starts document 1: no context left, only its own-block keys in doc 1.
-    assert dense[0, 3].tolist() == [0] * 6 + [0, 0, 0, 1, 0, 0]
+    # Sequence 0: the boundary at 3 lies inside block 1 -- q3 still reads block 1's document
+    # (0) in the context and its whole block; nothing tells it a document starts at 3.
+    assert dense[0, 3].tolist() == [1, 1, 0, 0, 0, 0] + [0, 0, 1, 1, 0, 0]
+    assert torch.equal(dense[0, 2], dense[0, 3])
+    # Sequence 1: block 1 opens at position 2 inside document 1 (the EOS closing document 0
+    # is clean token 0): context key 1 only. Block 2 is document 1 too (the boundary at 5 is
+    # inside it): context keys 1-3.
+    assert dense[1, 2].tolist() == [0, 1, 0, 0, 0, 0] + [0, 0, 1, 1, 0, 0]
+    assert dense[1, 5].tolist() == [0, 1, 1, 1, 0, 0] + [0, 0, 0, 0, 1, 1]
 
 
 def test_causal_masks():

@@ -146,3 +146,36 @@ def test_release_round_trip_is_exact_and_pickle_free(tmp_path: Path) -> None:
     (tmp_path / "release" / "denoiser.safetensors").write_bytes(b"junk")
     with pytest.raises(ValueError, match="is corrupt"):
         load_release(tmp_path / "release")
+
+
+def _objective_loss(after_eos: str, clean: torch.Tensor, seed: int = 0) -> float:
+    """The objective's loss with (almost surely) every position masked."""
+    init_distributed()
+    cfg = compose(
+        [*TT, "distill=none", "diffusion.mask_range=[0.9999,1.0]", f"diffusion.after_eos={after_eos}"]
+    )
+    tokenizer = load_tokenizer(cfg.backbone)
+    torch.manual_seed(0)
+    module = build_objective(cfg, load_backbone(cfg.backbone, tokenizer), tokenizer)
+    end = (clean == tokenizer.eos_token_id).long()
+    batch = {
+        "input_ids": clean,
+        "loss_mask": torch.ones_like(clean, dtype=torch.bool),
+        "doc_ids": torch.cumsum(end, 1) - end,
+    }
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return module(batch)["loss"].item()
+
+
+@pytest.mark.parametrize("after_eos,moves", [("ignore", False), ("eos", False), ("keep", True)])
+def test_after_eos_positions_in_the_loss(after_eos: str, moves: bool) -> None:
+    """Positions after an EOS inside the last block belong to the next document: with
+    ``ignore`` / ``eos`` the loss cannot depend on their clean tokens, with ``keep`` it does."""
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randint(3, 2048, (2, 32), generator=g)
+    clean[:, 27] = 1  # EOS inside the last block (positions 24..31)
+    other = clean.clone()
+    other[:, 28:] = torch.randint(3, 2048, (2, 4), generator=g)
+    a, b = _objective_loss(after_eos, clean), _objective_loss(after_eos, other)
+    assert (abs(a - b) > 1e-4) == moves, (a, b)

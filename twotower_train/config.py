@@ -215,6 +215,16 @@ class DenoiserConfig:
     context_dtype: DType | None = None
 
 
+class AfterEOS(str, Enum):
+    """What the loss does with positions after an EOS inside the same noisy block: their
+    clean tokens belong to the next document, which the block cannot know (decoding
+    discards what follows an EOS)."""
+
+    ignore = "ignore"  # noised like the rest, left out of the loss
+    eos = "eos"  # the block reads EOS there (input and target), as a finished answer pads
+    keep = "keep"  # predict the next document's tokens anyway
+
+
 @dataclass
 class DiffusionConfig:
     schedule: NoiseSchedule = NoiseSchedule.linear
@@ -223,6 +233,8 @@ class DiffusionConfig:
     antithetic: bool = True
     mask_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
     weighting: CEWeighting = CEWeighting.none
+    # With document masking (data.doc_mask): positions after an in-block EOS.
+    after_eos: AfterEOS = AfterEOS.ignore
 
 
 @dataclass

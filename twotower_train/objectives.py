@@ -12,6 +12,7 @@ from torch import nn
 
 from twotower_train.config import Config
 from twotower_train.diffusion import (
+    after_eos_targets,
     diffusion_ce,
     distillation_kl,
     expand_blocks,
@@ -19,6 +20,7 @@ from twotower_train.diffusion import (
     sample_t,
     shift_teacher_logits,
 )
+from twotower_train.model.masks import block_document_ids
 
 
 class CausalLMObjective(nn.Module):
@@ -46,8 +48,9 @@ class TwoTowerObjective(nn.Module):
     distribution (KD). Noise comes from torch's global RNG, which checkpoints restore.
     """
 
-    def __init__(self, model: nn.Module, cfg: Config):
+    def __init__(self, model: nn.Module, cfg: Config, eos_id: int | None = None):
         super().__init__()
+        self.eos_id = eos_id
         self.model = model
         self.block_size = cfg.denoiser.block_size
         self.mask_id = model.config.mask_token_id
@@ -57,9 +60,19 @@ class TwoTowerObjective(nn.Module):
         self.doc_mask = cfg.data.doc_mask
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        ids, loss_mask = batch["input_ids"], batch["loss_mask"]
-        b, length = ids.shape
+        clean, loss_mask = batch["input_ids"], batch["loss_mask"]
+        b, length = clean.shape
         d = self.diffusion
+        doc_ids = batch.get("doc_ids") if self.doc_mask else None
+        # ``ids``: what the noisy blocks are made from and scored against; ``scored``: where
+        # a masked position enters the loss. Without documents, both are the plain row.
+        ids, maskable, scored = clean, loss_mask, loss_mask
+        in_block_doc = torch.ones_like(loss_mask)
+        if doc_ids is not None:
+            in_block_doc = doc_ids == block_document_ids(doc_ids, self.block_size)
+            ids, maskable, scored = after_eos_targets(
+                clean, in_block_doc, loss_mask, mode=d.after_eos.value, eos_id=self.eos_id
+            )
         t = sample_t(
             b,
             length // self.block_size,
@@ -75,13 +88,11 @@ class TwoTowerObjective(nn.Module):
             mask_id=self.mask_id,
             schedule=d.schedule.value,
             mask_range=tuple(d.mask_range),
-            loss_mask=loss_mask,
+            loss_mask=maskable,
         )
+        masked = masked & scored
         logits, context_logits = self.model.forward_train(
-            ids,
-            noisy,
-            t=t if self.time_conditioning else None,
-            doc_ids=batch.get("doc_ids") if self.doc_mask else None,
+            clean, noisy, t=t if self.time_conditioning else None, doc_ids=doc_ids
         )
         t_tok = expand_blocks(t, self.block_size)
         ce = diffusion_ce(
@@ -91,7 +102,7 @@ class TwoTowerObjective(nn.Module):
             t_tok=t_tok,
             weighting=d.weighting.value,
             schedule=d.schedule.value,
-            num_loss_tokens=loss_mask.sum(),
+            num_loss_tokens=scored.sum(),
         )
         out = {"ce": ce.detach()}
         loss = ce
@@ -100,7 +111,7 @@ class TwoTowerObjective(nn.Module):
             kd = distillation_kl(
                 logits,
                 teacher,
-                masked & valid,
+                masked & valid & in_block_doc,  # the teacher reads the real next document
                 temperature=self.distill.temperature,
                 direction=self.distill.direction.value,
                 t_tok=t_tok,

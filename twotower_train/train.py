@@ -66,7 +66,9 @@ def build_two_tower(cfg: Config, backbone, tokenizer) -> TwoTowerModel:
 def build_objective(cfg: Config, backbone, tokenizer) -> torch.nn.Module:
     if cfg.train.objective == Objective.ar:
         return CausalLMObjective(backbone)
-    return TwoTowerObjective(build_two_tower(cfg, backbone, tokenizer), cfg)
+    return TwoTowerObjective(
+        build_two_tower(cfg, backbone, tokenizer), cfg, eos_id=tokenizer.eos_token_id
+    )
 
 
 def _memory_gib(device: torch.device) -> float:

@@ -3,7 +3,12 @@
 Pure functions of tensors; the training objective module composes them.
 """
 
-from twotower_train.diffusion.corruption import expand_blocks, mask_tokens
+from twotower_train.diffusion.corruption import (
+    AfterEOSMode,
+    after_eos_targets,
+    expand_blocks,
+    mask_tokens,
+)
 from twotower_train.diffusion.losses import (
     KDDirection,
     TWeighting,
@@ -21,6 +26,8 @@ from twotower_train.diffusion.schedules import (
 )
 
 __all__ = [
+    "AfterEOSMode",
+    "after_eos_targets",
     "KDDirection",
     "Schedule",
     "TWeighting",

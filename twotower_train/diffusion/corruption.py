@@ -3,6 +3,8 @@ mask probability."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from twotower_train.diffusion.schedules import Schedule, mask_prob
@@ -64,3 +66,45 @@ def mask_tokens(
     masked = u < p_mask
     noisy_ids = torch.where(masked, torch.full_like(ids, mask_id), ids)
     return noisy_ids, masked, p_mask
+
+
+AfterEOSMode = Literal["ignore", "eos", "keep"]
+
+
+def after_eos_targets(
+    ids: torch.Tensor,
+    in_block_doc: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    mode: AfterEOSMode,
+    eos_id: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a block's positions past an in-block EOS are trained on.
+
+    ids [B, L] clean, in_block_doc [B, L] bool (True where a position belongs to the
+    document open at its block's start, see ``model.masks.block_document_ids``),
+    loss_mask [B, L] bool.
+
+    Returns ``(targets [B, L], maskable [B, L], scored [B, L])``: the row the noisy block is
+    made from and scored against, where `mask_tokens` may mask (its ``loss_mask``), and which
+    masked positions enter the loss (``masked & scored``).
+
+    Positions after the EOS are maskable in every mode, also where ``loss_mask`` is False (the
+    next document's prompt): a position that is never masked would show where the document
+    ended.
+
+    * ``ignore``: noised like the rest, not scored (decoding discards what follows an EOS);
+    * ``eos``: they read EOS, input and target (a finished answer padded with EOS);
+    * ``keep``: the next document's tokens are the targets (the block cannot know them).
+    """
+    if mode not in ("ignore", "eos", "keep"):
+        raise ValueError(f"unknown after_eos mode {mode!r}; expected 'ignore', 'eos' or 'keep'")
+    outside = ~in_block_doc
+    maskable = loss_mask | outside
+    if mode == "keep":
+        return ids, maskable, loss_mask
+    if mode == "ignore":
+        return ids, maskable, loss_mask & in_block_doc
+    if eos_id is None:
+        raise ValueError("after_eos='eos' needs eos_id")
+    return ids.masked_fill(outside, eos_id), maskable, maskable

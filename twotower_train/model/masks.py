@@ -10,7 +10,14 @@ The denoiser's one-pass training attention runs over the concatenation
 
 ``block_causal_mask`` builds that as a dense ``[L, 2L]`` tensor (SDPA path);
 ``block_causal_mask_mod`` is the same predicate as a FlexAttention ``mask_mod``.
-An optional ``doc_ids [B, L]`` forbids attention across document boundaries in both halves.
+
+Documents. ``doc_ids [B, L]`` are built from the CLEAN row (an EOS closes its document).
+The denoiser may only use the boundaries its clean context shows: block n belongs to ONE
+document, the one open at its start (``block_document_ids``: ``doc_ids[:, n * bs]``, fixed
+by the clean blocks 0..n-1 alone), exactly as at decoding, where the block after a prompt
+is one document and an EOS is only known once committed. So a boundary inside block n
+never splits its in-block attention, and its context keys are those of that one document.
+A masked EOS inside the block therefore cannot be read off the mask.
 """
 
 from __future__ import annotations
@@ -29,12 +36,22 @@ def block_causal_mask(seq_len: int, block_size: int, device: torch.device | str 
     return torch.cat([context, own], dim=1)
 
 
+def block_document_ids(doc_ids: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``doc_ids [B, L]`` (clean row) -> ``[B, L]``: every position carries the document of its
+    block's first position -- the document open when the block starts, known from the clean
+    blocks before it (an EOS that ends block n-1 opens a new document at block n)."""
+    batch, length = doc_ids.shape
+    starts = doc_ids[:, ::block_size]  # [B, nb]
+    return starts.repeat_interleave(block_size, dim=1)[:, :length]
+
+
 def block_causal_mask_mod(
     seq_len: int, block_size: int, doc_ids: torch.Tensor | None = None
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` equal to ``block_causal_mask`` (& docs).
+    """FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` equal to ``denoiser_attention_mask``.
 
-    ``kv_idx`` indexes the concatenation ``[context keys ; denoiser keys]`` of length ``2L``.
+    ``kv_idx`` indexes the concatenation ``[context keys ; denoiser keys]`` of length ``2L``;
+    ``doc_ids [B, L]`` come from the clean row (see the module docstring).
     """
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -42,10 +59,11 @@ def block_causal_mask_mod(
         k_pos = torch.where(is_context, kv_idx, kv_idx - seq_len)
         q_blk = q_idx // block_size
         k_blk = k_pos // block_size
-        allowed = torch.where(is_context, k_blk < q_blk, k_blk == q_blk)
+        context_ok = k_blk < q_blk
         if doc_ids is not None:
-            allowed = allowed & (doc_ids[b, q_idx] == doc_ids[b, k_pos])
-        return allowed
+            # the block's one document (its first position's) against the clean key's
+            context_ok = context_ok & (doc_ids[b, q_blk * block_size] == doc_ids[b, k_pos])
+        return torch.where(is_context, context_ok, k_blk == q_blk)
 
     return mask_mod
 
@@ -75,12 +93,15 @@ def denoiser_attention_mask(
 ) -> torch.Tensor:
     """Dense one-pass denoiser mask, broadcastable to ``[B, H, L, 2L]`` for SDPA.
 
-    Without documents: ``[1, 1, L, 2L]``; with ``doc_ids [B, L]``: ``[B, 1, L, 2L]``.
+    Without documents: ``[1, 1, L, 2L]``; with ``doc_ids [B, L]`` (clean row): ``[B, 1, L, 2L]``,
+    where block n's queries see only the context keys of the document open at the block's
+    start, and all of their own block (no split at a boundary inside it).
     """
     mask = block_causal_mask(seq_len, block_size, device=device)[None, None]
     if doc_ids is not None:
         docs = doc_ids.to(device) if device is not None else doc_ids
-        mask = mask & same_doc_mask(docs, torch.cat([docs, docs], dim=1))
+        block_docs = block_document_ids(docs, block_size)
+        mask = mask & same_doc_mask(block_docs, torch.cat([docs, block_docs], dim=1))
     return mask
 
 

@@ -214,13 +214,20 @@ class TwoTowerModel(nn.Module):
         return device.type == "cuda" or not torch.is_grad_enabled()
 
     def _block_docs(self, doc_ids: torch.Tensor, length: int) -> torch.Tensor:
-        """Document ids of each block's Mamba conv window + tokens: ``[B, nb, K-1+bs]``."""
+        """Document ids of each block's Mamba conv window + tokens: ``[B, nb, K-1+bs]``.
+
+        The window rows (clean context) keep their own documents; the block's tokens all carry
+        the document open at the block's start, so a block starts from zero state after a
+        clean EOS and never resets inside itself (a masked EOS must not show)."""
         K = self._conv_kernel()
         bs = self.block_size
-        padded = torch.cat([doc_ids.new_full((doc_ids.shape[0], K - 1), -1), doc_ids], dim=1)
+        batch = doc_ids.shape[0]
+        padded = torch.cat([doc_ids.new_full((batch, K - 1), -1), doc_ids], dim=1)
         starts = torch.arange(0, length, bs, device=doc_ids.device)
-        idx = starts[:, None] + torch.arange(K - 1 + bs, device=doc_ids.device)[None]
-        return padded[:, idx]
+        idx = starts[:, None] + torch.arange(K - 1, device=doc_ids.device)[None]
+        windows = padded[:, idx]  # [B, nb, K-1]: positions n*bs-K+1 .. n*bs-1
+        own = doc_ids[:, ::bs, None].expand(batch, length // bs, bs)  # [B, nb, bs]
+        return torch.cat([windows, own], dim=2)
 
     def _conv_kernel(self) -> int:
         return getattr(self.backbone.config, "conv_kernel", 4)
@@ -273,20 +280,69 @@ class TwoTowerModel(nn.Module):
 
     @torch.no_grad()
     def reference_forward(
-        self, clean_ids: torch.Tensor, noisy_ids: torch.Tensor, t: torch.Tensor | None = None
+        self,
+        clean_ids: torch.Tensor,
+        noisy_ids: torch.Tensor,
+        t: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per-block loop equal to ``forward`` (for tests): for each block n, denoise noisy
         block n against a cache of clean blocks 0..n-1, then extend the cache with clean
-        block n. ``t``: [B] or [B, L / bs]."""
+        block n. ``t``: [B] or [B, L / bs].
+
+        With ``doc_ids [B, L]`` (clean row) each block is decoded as decoding would see its
+        document: the cache holds only the clean tokens of the document open at the block's
+        start (none if the block starts one), and the block's first position reads the
+        context tower's prediction after the clean token just before it."""
+        if doc_ids is not None:
+            return torch.cat(
+                [
+                    self._reference_row(
+                        clean_ids[i : i + 1],
+                        noisy_ids[i : i + 1],
+                        None if t is None else t[i : i + 1],
+                        doc_ids[i],
+                    )
+                    for i in range(clean_ids.shape[0])
+                ]
+            )
         batch, length = clean_ids.shape
         bs = self.block_size
         cache = self.empty_cache()
         out = []
         for n in range(length // bs):
             span = slice(n * bs, (n + 1) * bs)
-            t_n = None
-            if t is not None:
-                t_n = t if t.dim() <= 1 else expand_timesteps(t, batch, length, bs)[:, span]
-            out.append(self.denoise_block(cache, noisy_ids[:, span], t=t_n))
+            out.append(self.denoise_block(cache, noisy_ids[:, span], t=self._block_t(t, n, length)))
             cache, _ = self.context_extend(cache, clean_ids[:, span])
+        return torch.cat(out, dim=1)
+
+    def _block_t(self, t: torch.Tensor | None, n: int, length: int) -> torch.Tensor | None:
+        if t is None or t.dim() <= 1:
+            return t
+        bs = self.block_size
+        return expand_timesteps(t, t.shape[0], length, bs)[:, n * bs : (n + 1) * bs]
+
+    def _reference_row(self, clean, noisy, t, docs) -> torch.Tensor:
+        """``reference_forward`` of one row ``[1, L]`` with its documents ``docs [L]``."""
+        length = clean.shape[1]
+        bs = self.block_size
+
+        def doc_start(pos: int) -> int:  # first position of the document holding ``pos``
+            other = (docs[:pos] != docs[pos]).nonzero()
+            return int(other.max()) + 1 if len(other) else 0
+
+        out = []
+        for n in range(length // bs):
+            start = n * bs
+            cache = self.empty_cache()
+            if start:
+                # the context tower's next-token prediction after clean token start - 1,
+                # read within that token's own document
+                prev, _ = self.context_extend(None, clean[:, doc_start(start - 1) : start])
+                if doc_start(start) < start:  # the block continues that document
+                    cache = prev
+                else:
+                    cache.last_logits = prev.last_logits
+            block = noisy[:, start : start + bs]
+            out.append(self.denoise_block(cache, block, t=self._block_t(t, n, length)))
         return torch.cat(out, dim=1)
