@@ -21,7 +21,7 @@ from twotower_train.config import (
 )
 from twotower_train.data.loader import build_loader
 from twotower_train.data.packing import IndexPermutation, MixtureSchedule
-from twotower_train.data.tiny_world import load_tokenizer
+from twotower_train.tiny_world import load_tokenizer
 
 L = 16  # row length in these tests
 

@@ -12,7 +12,7 @@ from test_data import data_cfg, jsonl_source, make_loader, reference_rows, rows,
 
 from twotower_train.config import DataSourceConfig, SourceKind, TextUnit
 from twotower_train.data.documents import DataError
-from twotower_train.data.tiny_world import load_tokenizer
+from twotower_train.tiny_world import load_tokenizer
 
 GOOD = [f"good document number {i} with several words in it" for i in range(12)]
 

@@ -12,10 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, losses, read_metrics, run_cli, run_torchrun, subprocess_env
+from conftest import (
+    REPO,
+    TINY,
+    engine_for,
+    losses,
+    read_metrics,
+    run_cli,
+    run_torchrun,
+    subprocess_env,
+)
 
 from twotower_train.config import OptimConfig, compose
-from twotower_train.engine.deepspeed_engine import build_engine, lr_lambda
+from twotower_train.engine.deepspeed_engine import lr_lambda
 from twotower_train.engine.distributed import init_distributed
 from twotower_train.train import train
 
@@ -69,7 +78,7 @@ def test_frozen_parameters_never_reach_the_optimizer(stage: int) -> None:
     torch.manual_seed(0)
     module = _HalfFrozen()
     before = module.frozen.weight.detach().clone()
-    engine, optimizer, _ = build_engine(module, cfg, grad_accum=1, world_size=1)
+    engine, optimizer, _ = engine_for(module, cfg)
     for _ in range(3):
         engine.backward(engine(torch.randn(2, 8))["loss"])
         engine.step()
@@ -130,6 +139,7 @@ RESUME = [
 ]
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_gives_identical_losses(tmp_path: Path) -> None:
     ref_dir, dir_ = tmp_path / "ref", tmp_path / "killed"
     ref = run_cli([*TINY, *RESUME, f"run.dir={ref_dir}"])
@@ -151,7 +161,9 @@ def test_kill_9_then_rerun_gives_identical_losses(tmp_path: Path) -> None:
     assert tags == ["step_00000036", "step_00000040"]  # keep_last=2
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path: Path) -> None:
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=lambda s: s.name)
+def test_preemption_signal_saves_and_exits_cleanly(tmp_path: Path, sig) -> None:
     run_dir = tmp_path / "run"
     proc = _popen(
         [
@@ -164,12 +176,13 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path: Path) -> None:
         ]
     )
     _wait_for_step(run_dir, 3, proc)
-    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     tag = (run_dir / "checkpoints" / "latest").read_text()
     step = json.loads((run_dir / "checkpoints" / tag / "trainer_state.json").read_text())["step"]
-    assert step >= 3 and "SIGUSR1: checkpoint saved" in out
+    assert step >= 3 and f"{sig.name}: checkpoint saved" in out
+    assert step < 1000  # it stopped early, at the signal
 
 
 def test_incomplete_and_corrupt_checkpoints(tmp_path: Path) -> None:
@@ -194,6 +207,7 @@ def test_incomplete_and_corrupt_checkpoints(tmp_path: Path) -> None:
     assert len(err) == 1 and "step_00000006 is corrupt" in err[0], bad.stderr
 
 
+@pytest.mark.slow
 def test_two_processes_train_resume_and_refuse_other_world_size(tmp_path: Path) -> None:
     args = [
         *TINY,

@@ -5,13 +5,14 @@ import json
 
 import pytest
 import torch
+from tiny_models import tiny_backbone
 
-from twotower_train.data.tiny_world import load_tokenizer
 from twotower_train.eval import likelihood, tasks
 from twotower_train.eval.harness import EvalConfig, evaluate
 from twotower_train.eval.report import REPORT_KEYS, TaskScore, retained_ratios
 from twotower_train.model import TwoTowerModel
-from twotower_train.model.tiny import tiny_backbone
+from twotower_train.tiny_world import TASKS, load_test_tasks, load_tokenizer
+from twotower_train.tiny_world import tasks as tiny_tasks
 
 MASK, BS = 2, 4
 
@@ -40,14 +41,25 @@ def model(hf_backbone):
 
 
 def test_mc_examples_are_deterministic_and_well_formed():
-    items = tasks.mc_examples()
-    assert items == tasks.mc_examples()
-    assert len(items) == tasks.MC_PER_TASK * len(tasks.GENERATION_TASKS)
-    answers = {ex["prompt"]: ex["answer"] for ex in tasks.load_test_tasks()}
+    items = tiny_tasks.mc_examples()
+    assert items == tiny_tasks.mc_examples()
+    assert len(items) == tiny_tasks.MC_PER_TASK * len(TASKS)
+    answers = {ex["prompt"]: ex["answer"] for ex in load_test_tasks()}
     for item in items:
         assert len(set(item["choices"])) == 4
         assert item["choices"][item["label"]] == answers[item["prompt"]]
-    assert [it["task"] for it in tasks.mc_examples(5)] == list(tasks.GENERATION_TASKS)
+    assert [it["task"] for it in tiny_tasks.mc_examples(5)] == list(TASKS)
+
+
+def test_task_registry():
+    registry = tasks.registry()
+    assert [n for n in registry if isinstance(registry[n], tasks.GenerationTask)][:5] == list(TASKS)
+    assert isinstance(tasks.get("perplexity"), tasks.PerplexityTask)
+    assert isinstance(tasks.get("tiny_world_mc"), tasks.ChoiceTask)
+    with pytest.raises(ValueError, match="already registered"):
+        tasks.register(tasks.GenerationTask("add", lambda limit: []))
+    with pytest.raises(ValueError, match="unknown eval task"):
+        tasks.get("nope")
 
 
 def test_retained_ratios():
@@ -95,11 +107,17 @@ def test_denoiser_loglikelihood_is_the_left_to_right_chain(model):
     assert lp == pytest.approx(expected, rel=1e-5) and lp_batched == pytest.approx(lp, rel=1e-6)
 
 
-def test_perplexity_and_elbo(model, tokenizer):
-    rows = tasks.perplexity_rows(tokenizer, 16, limit=6)
+def test_perplexity_and_elbo(model, hf_backbone, tokenizer):
+    rows = tiny_tasks.perplexity_rows(tokenizer, 16, limit=6)
     assert rows.shape == (6, 16) and (rows == tokenizer.eos_token_id).any()
     nll, n = likelihood.ar_nll(model, rows, batch_size=4)
-    assert n == 6 * 15 and 0 < nll / n < 20
+    with torch.no_grad():
+        logits = hf_backbone(rows).logits[:, :-1]
+    expected = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), rows[:, 1:].flatten(), reduction="sum"
+    )
+    assert n == 6 * 15 and nll == pytest.approx(float(expected), rel=1e-5)
+    assert nll / n == pytest.approx(7.6, abs=0.5)  # an untrained model: about ln(2048)
     a, per = likelihood.diffusion_elbo(model, rows, samples=2, seed=3, batch_size=4)
     b, _ = likelihood.diffusion_elbo(model, rows, samples=2, seed=3, batch_size=6)
     assert len(per) == 2 and a == pytest.approx(b, rel=1e-5) and 0 < a < 100
@@ -145,7 +163,7 @@ def test_evaluate_writes_the_report(model, tokenizer, tmp_path):
     for key in REPORT_KEYS:
         assert key in on_disk
     names = [t["name"] for t in on_disk["tasks"]]
-    assert names == [*tasks.GENERATION_TASKS, tasks.MC_TASK, tasks.PERPLEXITY]
+    assert names == [*TASKS, tiny_tasks.MC_TASK, tiny_tasks.PERPLEXITY]
     for t in on_disk["tasks"]:
         assert {"name", "metric", "backbone", "twotower", "retained"} <= set(t)
     assert on_disk["retained_tasks"] == names[:-1]
@@ -163,6 +181,22 @@ def test_evaluate_writes_the_report(model, tokenizer, tmp_path):
     assert tpf == pytest.approx(report["tokens_per_forward"])
 
 
+def test_harness_scores_a_registered_task(model, tokenizer, tmp_path):
+    """A task that is not the tiny world's: registered, then scored like the built-ins."""
+    examples = [{"prompt": "add 1 2 =", "answer": " 3"}, {"prompt": "copy a b =", "answer": " a b"}]
+    tasks.register(tasks.GenerationTask("my_task", lambda limit: examples[:limit]))
+    cfg = EvalConfig(
+        tasks=["my_task"],
+        max_examples_per_task=2,
+        max_new_tokens=4,
+        threshold_sweep=[],
+        speed_examples=0,
+    )
+    report = evaluate(model, tokenizer, cfg, tmp_path)
+    ((row,),) = [[t for t in report["tasks"] if t["name"] == "my_task"]]
+    assert row["n"] == 2 and 0.0 <= row["backbone"] <= 1.0
+
+
 def test_unknown_task_is_refused(model, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="unknown eval task"):
         evaluate(model, tokenizer, EvalConfig(tasks=["nope"]), tmp_path)
@@ -171,7 +205,7 @@ def test_unknown_task_is_refused(model, tokenizer, tmp_path):
 # -- lm-evaluation-harness adapter ------------------------------------------------------------
 
 
-def test_lm_eval_adapter_offline(model, tokenizer, monkeypatch):
+def test_lm_eval_adapter_offline(model, hf_backbone, tokenizer, monkeypatch):
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
     from lm_eval.tasks import TaskManager
@@ -180,7 +214,7 @@ def test_lm_eval_adapter_offline(model, tokenizer, monkeypatch):
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     manager = TaskManager(include_path=str(LOCAL_TASKS), include_defaults=False)
-    items = tasks.mc_examples(3)
+    items = tiny_tasks.mc_examples(3)
     for tower, score in (
         ("backbone", likelihood.ar_loglikelihood),
         ("twotower", likelihood.denoiser_loglikelihood),
@@ -207,6 +241,12 @@ def test_lm_eval_adapter_offline(model, tokenizer, monkeypatch):
             [tasks.split_continuation(tokenizer, first["prompt"], c) for c in first["choices"]],
         )
         assert [lp for lp, _ in lm.loglikelihood(reqs)] == pytest.approx([lp for lp, _ in direct])
+        if tower == "backbone":  # and, independently, the HF model's own chain rule
+            ctx, cont = tasks.split_continuation(tokenizer, first["prompt"], first["choices"][0])
+            with torch.no_grad():
+                logp = hf_backbone(torch.tensor([ctx + cont])).logits[0].log_softmax(-1)
+            want = float(logp[len(ctx) - 1 : -1].gather(-1, torch.tensor(cont)[:, None]).sum())
+            assert lm.loglikelihood(reqs[:1])[0][0] == pytest.approx(want, rel=1e-4)
         rolling = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("a b c",), 0)])
         assert len(rolling) == 1 and rolling[0] < 0
         gen = lm.generate_until(

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from tiny_models import FAMILIES, tiny_backbone
 
 from twotower_train.generate import (
     DecodeConfig,
@@ -15,7 +16,6 @@ from twotower_train.generate import (
     filter_logits,
 )
 from twotower_train.model import TwoTowerModel
-from twotower_train.model.tiny import FAMILIES, tiny_backbone
 
 MASK, BS = 127, 4
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [3, 4, 5, 6, 7, 8, 9, 10], [20, 21, 22]]
@@ -208,3 +208,47 @@ def test_extended_cache_equals_recomputed_prefix(family):
         parts.append(logits)
     full = model.context_logits(seq)
     assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_time_conditioned_decoding_and_likelihoods_read_the_mask_rate():
+    """With time conditioning on, decoding, the left-to-right log-likelihood and the ELBO
+    all run, and feed the denoiser the rate it was trained on: the block's masked fraction
+    (decoding, log-likelihood) or m(t) of the ELBO's schedule."""
+    from twotower_train.diffusion import mask_prob, sample_t
+    from twotower_train.eval import likelihood
+
+    model = build("llama", time_conditioning=True)
+    with torch.no_grad():
+        for p in model.denoiser.time_cond.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    seen = []
+    denoise_block = model.denoise_block
+
+    def spy(cache, block, t=None):
+        seen.append(((block == MASK).float().mean(1), t))
+        return denoise_block(cache, block, t=t)
+
+    model.denoise_block = spy
+    cfg = DecodeConfig(threshold=0.5, max_new_tokens=8, stop_at_eos=False)
+    batched, _ = diffusion_generate(model, PROMPTS, cfg, eos_id=None)
+    assert batched == [diffusion_generate(model, [p], cfg, eos_id=None)[0][0] for p in PROMPTS]
+    assert seen and all(torch.equal(frac, t) for frac, t in seen)
+    seen.clear()
+    likelihood.denoiser_loglikelihood(model, [([5, 6, 7], [8, 9, 10, 11, 12])])
+    assert seen and all(torch.equal(frac, t) for frac, t in seen)
+
+    rates = []
+    hook = model.register_forward_pre_hook(
+        lambda mod, args, kwargs: rates.append(kwargs["t"]), with_kwargs=True
+    )
+    rows = torch.randint(3, 120, (2, 16))
+    bound, _ = likelihood.diffusion_elbo(model, rows, samples=1, seed=5, schedule="cosine")
+    hook.remove()
+    assert torch.isfinite(torch.tensor(bound))
+    # the same draw of t the ELBO makes (seed + sample 0), through the cosine schedule
+    t = sample_t(
+        2, 4, per="block", eps=1e-3, antithetic=True, generator=torch.Generator().manual_seed(5)
+    )
+    (rate,) = rates
+    torch.testing.assert_close(rate, mask_prob(t, "cosine"))
+    assert not torch.allclose(rate, t)

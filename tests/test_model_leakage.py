@@ -5,9 +5,9 @@ import copy
 
 import pytest
 import torch
+from tiny_models import FAMILIES, tiny_backbone
 
 from twotower_train.model import TwoTowerModel
-from twotower_train.model.tiny import FAMILIES, tiny_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -64,8 +64,8 @@ def inputs(seed=0):
 
 CASES = [(f, {}) for f in FAMILIES] + [
     ("nemotron_h", {"mamba_bidirectional": True}),
-    ("nemotron_h", {"denoiser_layers": 3}),
-    ("qwen3", {"denoiser_layers": 1}),
+    ("nemotron_h", {"layers": 3}),
+    ("qwen3", {"layers": 1}),
 ]
 
 
@@ -116,7 +116,7 @@ DOC_CASES = (
     + [(f, "flex", {}) for f in FAMILIES]
     + [
         ("nemotron_h", "sdpa", {"mamba_bidirectional": True}),
-        ("qwen3", "sdpa", {"denoiser_layers": 2}),
+        ("qwen3", "sdpa", {"layers": 2}),
     ]
 )
 

@@ -113,3 +113,20 @@ def test_flex_matches_sdpa(with_docs):
     out_sdpa = attend(q, k, v, scale=dim**-0.5, mask=dense)
     out_flex = attend(q, k, v, scale=dim**-0.5, mask=flex)
     torch.testing.assert_close(out_flex, out_sdpa, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_compiled_flex_on_cuda_matches_sdpa():
+    """The CUDA path: compiled FlexAttention with documents equals the SDPA boolean mask."""
+    seq_len, block, heads, dim = 64, 16, 4, 32
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn(2, heads, n, dim, generator=g).cuda()
+        for n in (seq_len, 2 * seq_len, 2 * seq_len)
+    )
+    docs = torch.tensor([[0] * 20 + [1] * 30 + [2] * 14, [0] * 64]).cuda()
+    dense = denoiser_attention_mask(seq_len, block, docs, device="cuda")
+    flex = denoiser_block_mask(seq_len, block, docs, q.device)
+    out_sdpa = attend(q, k, v, scale=dim**-0.5, mask=dense)
+    out_flex = attend(q, k, v, scale=dim**-0.5, mask=flex)
+    torch.testing.assert_close(out_flex, out_sdpa, rtol=2e-4, atol=2e-4)

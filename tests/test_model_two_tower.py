@@ -4,9 +4,9 @@ import copy
 
 import pytest
 import torch
+from tiny_models import FAMILIES, tiny_backbone
 
 from twotower_train.model import TwoTowerModel
-from twotower_train.model.tiny import FAMILIES, tiny_backbone
 
 VOCAB, MASK = 128, 127
 
@@ -83,15 +83,30 @@ def test_context_tower_frozen_and_denoiser_trained(backbone):
 
 
 def test_denoiser_is_a_copy(backbone):
-    model = build(backbone, denoiser_layers=2, tie_denoiser_head=True)
+    model = build(backbone, layers=2, tie_head=True)
     assert model.denoiser.head.weight is model.denoiser.embed.weight
     context_params = {id(p) for p in model.context.parameters()}
     assert not any(id(p) in context_params for p in model.denoiser.parameters())
     assert len(model.denoiser.layers) == 2
     n = len(model.context.parts.layers)
     assert model.denoiser.layer_ids == [n - 2, n - 1]
+    # the values: the top two layers of the backbone, its embedding and final norm
+    parts = model.context.parts
+    for layer, i in zip(model.denoiser.layers, model.denoiser.layer_ids):
+        theirs = parts.layers[i].state_dict()
+        for name, value in layer.state_dict().items():
+            assert torch.equal(value, theirs[name]), (i, name)
+    assert torch.equal(model.denoiser.embed.weight, parts.embed.weight)
+    for name, value in model.denoiser.norm.state_dict().items():
+        assert torch.equal(value, parts.norm.state_dict()[name])
     untied = build(backbone)
     assert untied.denoiser.head.weight is not untied.denoiser.embed.weight
+    assert torch.equal(untied.denoiser.head.weight, untied.context.parts.head.weight)
+    # a lower layer of the same kind differs (the comparison above is not vacuous)
+    top = model.denoiser.layers[-1].state_dict()
+    lower = [parts.layers[j].state_dict() for j in range(n - 2)]
+    same_kind = [sd for sd in lower if sd.keys() == top.keys()]
+    assert same_kind and all(any(not torch.equal(sd[k], top[k]) for k in top) for sd in same_kind)
 
 
 # -- one pass == per-block loop -------------------------------------------------------------
@@ -103,7 +118,7 @@ def test_denoiser_is_a_copy(backbone):
     [(4, None), (3, None), (5, 2), (8, 3), (1, None)],
 )
 def test_one_pass_equals_reference(backbone, block_size, layers):
-    model = build(backbone, block_size=block_size, denoiser_layers=layers)
+    model = build(backbone, block_size=block_size, layers=layers)
     clean, noisy = batch(4 * block_size, seed=block_size)
     with torch.no_grad():
         out = model(clean, noisy)
@@ -112,7 +127,7 @@ def test_one_pass_equals_reference(backbone, block_size, layers):
 
 
 def test_context_dtype_bf16(backbone):
-    model = build(backbone, context_dtype=torch.bfloat16)
+    model = build(backbone, context_dtype="bf16")
     assert all(p.dtype == torch.bfloat16 for p in model.context.parameters())
     assert all(p.dtype == torch.float32 for p in model.denoiser.parameters())
     clean, noisy = batch(8)
@@ -184,7 +199,13 @@ def test_bad_arguments():
     with pytest.raises(ValueError):
         TwoTowerModel.from_backbone(copy.deepcopy(backbone), mask_token_id=MASK, attn_impl="x")
     with pytest.raises(ValueError):
-        build(backbone, denoiser_layers=99)
+        build(backbone, layers=99)
+    with pytest.raises(ValueError, match="block_size"):
+        build(backbone, block_size=0)
+    with pytest.raises(TypeError, match="unknown two-tower setting"):
+        build(backbone, denoiser_layers=2)  # the old name
+    with pytest.raises(ValueError, match="mask_token_id is not set"):
+        TwoTowerModel.from_backbone(copy.deepcopy(backbone))
     model = build(backbone)
     clean, noisy = batch(6)
     with pytest.raises(ValueError):

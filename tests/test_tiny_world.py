@@ -1,4 +1,5 @@
-"""The shipped tiny world: corpus contents, splits, tokenizer, and the AR exact-match evaluator."""
+"""The shipped tiny world: corpus contents, splits, tokenizer, and exact match through the
+project's one AR decoder on a plain HF model."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from twotower_train.data import tiny_world
-from twotower_train.data.tiny_world import (
+from twotower_train import tiny_world
+from twotower_train.eval import tasks
+from twotower_train.generate import DecodeConfig, ar_generate
+from twotower_train.model import ContextTower
+from twotower_train.tiny_world import (
     CORPUS_DIR,
     TASKS,
     TOKENIZER_DIR,
@@ -18,9 +22,8 @@ from twotower_train.data.tiny_world import (
     load_test_text,
     load_tokenizer,
     load_train_documents,
-    make_task_example,
 )
-from twotower_train.eval.tiny_tasks import ar_exact_match, greedy_continuations, greedy_generate_ids
+from twotower_train.tiny_world.build import build, make_task_example
 
 
 def expected_answer(task: str, prompt: str) -> str:
@@ -132,7 +135,7 @@ def test_small_build_is_byte_identical_twice(tmp_path: Path):
         test_text_paragraphs=10,
     )
     for name in ("a", "b"):
-        tiny_world.build(tmp_path / name, seed=3, **sizes)
+        build(tmp_path / name, seed=3, **sizes)
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.*"))
     assert len(files) == 5
     for relative in files:
@@ -202,27 +205,50 @@ def tiny_llama():
     return LlamaForCausalLM(config).eval()
 
 
-def test_ar_exact_match_batched_equals_unbatched(tiny_llama, tokenizer):
-    examples = [e for task in TASKS for e in load_test_tasks(task)[:3]]
-    prompts = [e["prompt"] for e in examples]
-    one_by_one = greedy_continuations(tiny_llama, tokenizer, prompts, 6, batch_size=1)
-    batched = greedy_continuations(tiny_llama, tokenizer, prompts, 6, batch_size=8)
-    assert one_by_one == batched
-    assert all(len(tokenizer.encode(text)) > 0 for text in batched)
+def _ar(model, prompt_ids, n, batch_size=64, eos_id=None):
+    cfg = DecodeConfig(max_new_tokens=n, batch_size=batch_size)
+    return ar_generate(ContextTower.of(model), prompt_ids, cfg, eos_id)[0]
 
-    scores = ar_exact_match(tiny_llama, tokenizer, examples, max_new_tokens=6, batch_size=8)
-    assert set(scores) == set(TASKS) | {"mean"}
-    assert all(0.0 <= score <= 1.0 for score in scores.values())
-    assert scores == ar_exact_match(tiny_llama, tokenizer, examples, 6, batch_size=1)
+
+def test_ar_exact_match_batched_equals_unbatched(tiny_llama, tokenizer):
+    examples = [{**e, "task": e["task"]} for task in TASKS for e in load_test_tasks(task)[:3]]
+    tower = ContextTower.of(tiny_llama)
+    scores = {}
+    for batch in (1, 8):
+        cfg = DecodeConfig(max_new_tokens=6, batch_size=batch)
+        scores[batch], stats, prompt_ids = tasks.generation_scores(
+            ar_generate, tower, tokenizer, examples, cfg
+        )
+        assert stats.sequences == len(examples)
+    assert scores[1] == scores[8]
+    assert set(scores[8]) == set(TASKS)
+    assert all(0.0 <= score <= 1.0 for score in scores[8].values())
+    assert _ar(tiny_llama, prompt_ids, 6, batch_size=1) == _ar(tiny_llama, prompt_ids, 6, 8)
+
+
+def test_exact_match_scoring():
+    """The one scorer: the decoded continuation (the decoder cuts it at EOS) must equal the
+    answer, whitespace at either end ignored."""
+    tokenizer = load_tokenizer()
+    example = load_test_tasks("copy")[0]
+    answer = tokenizer.encode(example["answer"], add_special_tokens=False)
+
+    def fake_generate(model, prompt_ids, cfg, eos_id):
+        return [answer, answer + [5], answer[:-1]], None
+
+    examples = [{**example, "task": "copy"}] * 3
+    scores, _, _ = tasks.generation_scores(fake_generate, None, tokenizer, examples, None)
+    assert scores == {"copy": 1 / 3}
+    assert tasks.exact_match("  a b \n", "a b") and not tasks.exact_match("a b c", "a b")
 
 
 def test_generation_stops_at_eos(tiny_llama, tokenizer):
     prompt_ids = [tokenizer.encode(e["prompt"]) for e in load_test_tasks()[::200]]
-    full = greedy_generate_ids(tiny_llama, prompt_ids, eos_id=-1, pad_id=0, max_new_tokens=6)
+    full = _ar(tiny_llama, prompt_ids, 6, eos_id=None)
     assert all(len(ids) == 6 for ids in full)
     # Pretend the third token of the first row is EOS: every row is cut at its first occurrence.
     eos_id = full[0][2]
-    cut = greedy_generate_ids(tiny_llama, prompt_ids, eos_id=eos_id, pad_id=0, max_new_tokens=6)
+    cut = _ar(tiny_llama, prompt_ids, 6, eos_id=eos_id)
     assert cut[0] == full[0][: full[0].index(eos_id)]
     for ids_full, ids_cut in zip(full, cut):
         expected = ids_full[: ids_full.index(eos_id)] if eos_id in ids_full else ids_full
@@ -231,7 +257,7 @@ def test_generation_stops_at_eos(tiny_llama, tokenizer):
 
 def test_cached_generation_matches_full_recompute(tiny_llama, tokenizer):
     prompt_ids = [tokenizer.encode(e["prompt"]) for e in load_test_tasks()[::250]]
-    cached = greedy_generate_ids(tiny_llama, prompt_ids, eos_id=-1, pad_id=0, max_new_tokens=5)
+    cached = _ar(tiny_llama, prompt_ids, 5)
     for ids, generated in zip(prompt_ids, cached):
         sequence = list(ids)
         with torch.no_grad():

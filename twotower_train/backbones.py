@@ -9,6 +9,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from twotower_train.config import BackboneConfig, InitMode
+from twotower_train.errors import first_line
+from twotower_train.model import TwoTowerConfig, TwoTowerModel
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 SHIPPED_BACKBONES = {
@@ -49,7 +51,7 @@ def load_tokenizer(cfg: BackboneConfig):
     try:
         tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision)
     except Exception as exc:
-        raise BackboneError(f"cannot load tokenizer '{source}': {_first_line(exc)}") from None
+        raise BackboneError(f"cannot load tokenizer '{source}': {first_line(exc)}") from None
     if tok.eos_token_id is None:
         raise BackboneError(f"tokenizer '{source}' has no EOS token")
     return tok
@@ -69,7 +71,7 @@ def load_backbone(cfg: BackboneConfig, tokenizer) -> PreTrainedModel:
             return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         except Exception as exc:
             raise BackboneError(
-                f"cannot build a '{model_type}' backbone: {_first_line(exc)}"
+                f"cannot build a '{model_type}' backbone: {first_line(exc)}"
             ) from None
     source = resolve(cfg.name_or_path)
     try:
@@ -77,9 +79,33 @@ def load_backbone(cfg: BackboneConfig, tokenizer) -> PreTrainedModel:
             source, revision=cfg.revision, dtype=torch.float32
         )
     except Exception as exc:
-        raise BackboneError(f"cannot load backbone '{source}': {_first_line(exc)}") from None
+        raise BackboneError(f"cannot load backbone '{source}': {first_line(exc)}") from None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def build_two_tower(backbone: PreTrainedModel, tokenizer, config: TwoTowerConfig) -> TwoTowerModel:
+    """The one way a run builds its two-tower model: ``config`` with the tokenizer's mask
+    token unless ``config.mask_token_id`` is set. ``backbone`` becomes the context tower."""
+    mask = config.mask_token_id
+    if mask is None:
+        mask = tokenizer.mask_token_id
+        if mask is None:
+            raise BackboneError(
+                "the tokenizer has no mask token; set denoiser.mask_token_id to a vocabulary id"
+            )
+    return TwoTowerModel.from_backbone(backbone, config, mask_token_id=mask)
+
+
+def load_two_tower(source: str, config: TwoTowerConfig | None = None):
+    """``(TwoTowerModel, tokenizer)`` from a release folder, or from a backbone (shipped
+    name, local folder, hub id) with a fresh, untrained denoiser built with ``config``
+    (smoke tests and speed benchmarks: its tokens per forward mean nothing)."""
+    from twotower_train.release import is_release, load_release
+
+    if is_release(source):
+        if config is not None:
+            raise ValueError(f"{source} is a release: its settings are in the release")
+        return load_release(source)
+    bcfg = BackboneConfig(name_or_path=source)
+    tokenizer = load_tokenizer(bcfg)
+    model = build_two_tower(load_backbone(bcfg, tokenizer), tokenizer, config or TwoTowerConfig())
+    return model.eval(), tokenizer

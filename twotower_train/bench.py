@@ -54,7 +54,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 def generate_jsonl(path: Path, size_bytes: int, seed: int = 0) -> None:
     """A jsonl of `size_bytes` whose documents are 1-30 tiny-world paragraphs/tasks each."""
-    from twotower_train.data.tiny_world import load_train_documents
+    from twotower_train.tiny_world import load_train_documents
 
     pieces = load_train_documents()
     rng = random.Random(seed)
@@ -98,7 +98,7 @@ def run_data(args: argparse.Namespace) -> dict:
     from twotower_train.config import DataConfig, DataSource, DataSourceConfig, SourceKind
     from twotower_train.data.loader import build_loader
     from twotower_train.data.sources import default_cache_dir
-    from twotower_train.data.tiny_world import load_tokenizer
+    from twotower_train.tiny_world import load_tokenizer
 
     tok = load_tokenizer()
     L, b = args.seq_len, args.micro_batch_size
@@ -191,35 +191,17 @@ def run_doc_mask(args: argparse.Namespace) -> dict:
     alternating doc_ids off / on every step (same batches, same engine)."""
     import torch
 
-    from twotower_train.backbones import load_backbone, load_tokenizer
-    from twotower_train.config import batch_arithmetic, compose
-    from twotower_train.data.loader import build_loader
-    from twotower_train.engine.deepspeed_engine import build_engine
-    from twotower_train.engine.distributed import device_for, init_distributed
-    from twotower_train.train import build_objective
+    from twotower_train.config import compose
+    from twotower_train.train import setup
 
-    cfg = compose([f"recipe={args.recipe}", *args.overrides])
-    env = init_distributed()
-    device = device_for(env)
-    grad_accum, _ = batch_arithmetic(cfg.train, env.world_size)
-    torch.manual_seed(0)
-    tokenizer = load_tokenizer(cfg.backbone)
-    module = build_objective(cfg, load_backbone(cfg.backbone, tokenizer), tokenizer)
+    cfg = compose([f"recipe={args.recipe}", *args.overrides, "run.seed=0"])
+    run = setup(cfg, run_dir=None)
+    module, engine, device, grad_accum = run.objective, run.engine, run.device, run.grad_accum
     if not hasattr(module, "doc_mask"):
         raise SystemExit(
             f"recipe {args.recipe}: objective {cfg.train.objective.value} has no doc mask"
         )
-    engine, _, _ = build_engine(module.to(device), cfg, grad_accum, env.world_size)
-    loader = build_loader(
-        cfg.data,
-        tokenizer,
-        seed=0,
-        micro_batch_size=cfg.train.micro_batch_size,
-        rank=0,
-        world_size=1,
-        block_size=cfg.denoiser.block_size,
-        log=lambda msg: None,
-    )
+    loader = run.loader
     times: dict[bool, list[float]] = {False: [], True: []}
     docs_per_row = []
     for i in range(2 * (args.warmup + args.steps)):

@@ -18,6 +18,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from twotower_train.errors import first_line
+from twotower_train.model.config import DType, TwoTowerConfig
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
 RECIPES_DIR = REPO_ROOT / "recipes"
@@ -47,11 +50,6 @@ class LRSchedule(str, Enum):
     cosine = "cosine"
     wsd = "wsd"  # warmup, stable, decay
     constant = "constant"
-
-
-class DType(str, Enum):
-    bf16 = "bf16"
-    fp32 = "fp32"
 
 
 class LoggerBackend(str, Enum):
@@ -200,21 +198,6 @@ class KDTimeWeighting(str, Enum):
     one_minus_t = "1-t"
 
 
-@dataclass
-class DenoiserConfig:
-    block_size: int = 16
-    layers: int | None = None  # null = all backbone layers; k = the top k
-    tie_head: bool = False
-    mamba_bidirectional: bool = False
-    time_conditioning: bool = False  # adaLN-single
-    attn_impl: str = "sdpa"  # sdpa | flex
-    # Read position p's prediction from output p-1 (the backbone's next-token habit);
-    # a block's first position takes the context tower's prediction.
-    shift_logits: bool = True
-    # Context-tower weights dtype (null = as the engine holds the model).
-    context_dtype: DType | None = None
-
-
 class AfterEOS(str, Enum):
     """What the loss does with positions after an EOS inside the same noisy block: their
     clean tokens belong to the next document, which the block cannot know (decoding
@@ -291,9 +274,6 @@ class DeepSpeedConfig:
 @dataclass
 class PrecisionConfig:
     dtype: DType = DType.bf16
-    # Transformer Engine linears (NVIDIA GPU only; falls back with one message).
-    te: bool = False
-    fp8: bool = False
 
 
 @dataclass
@@ -352,7 +332,8 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    # The two-tower model's settings (the same object from_backbone and releases use).
+    denoiser: TwoTowerConfig = field(default_factory=TwoTowerConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -365,16 +346,15 @@ class Config:
 
 
 def _one_line(exc: BaseException) -> str:
+    """``first_line`` plus the key OmegaConf names on a later line, and the cause of a
+    Hydra override error."""
     if str(exc).startswith("Error merging override") and exc.__cause__ is not None:
         return f"{str(exc).strip()}: {_one_line(exc.__cause__)}"
-    text = str(exc).strip()
+    head = first_line(exc)
     # OmegaConf appends "full_key: ..., object_type=..." on later lines; Hydra adds hints.
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    head = lines[0] if lines else type(exc).__name__
-    for ln in lines[1:]:
-        if ln.startswith("full_key:"):
-            head = f"{head} ({ln.split(',')[0]})"
-            break
+    for ln in str(exc).splitlines()[1:]:
+        if ln.strip().startswith("full_key:"):
+            return f"{head} ({ln.strip().split(',')[0]})"
     return head
 
 
@@ -461,8 +441,10 @@ def check(cfg: Config) -> None:
         raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} must be a multiple of denoiser.block_size={d.block_size}"
         )
-    if d.attn_impl not in ("sdpa", "flex"):
-        raise ConfigError(f"denoiser.attn_impl must be sdpa or flex, got {d.attn_impl}")
+    try:
+        d.validate()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     lo_hi = cfg.diffusion.mask_range
     if len(lo_hi) != 2 or not 0.0 <= lo_hi[0] < lo_hi[1] <= 1.0:
         raise ConfigError(

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from twotower_train.model import ContextCache, TwoTowerModel
+from twotower_train.model import ContextCache, ContextTower, TwoTowerModel
 
 
 @dataclass
@@ -297,7 +297,7 @@ def _decode_group(
         active = torch.ones(len(rows), dtype=torch.bool, device=device)
         for step in range(steps):
             t = None
-            if model.config.time_conditioning:  # masked fraction = t of the linear schedule
+            if model.config.time_conditioning:  # the denoiser reads the block's mask rate
                 t = (block == mask_id).float().mean(1)
             logits = model.denoise_block(cache, block, t=t)  # [B, bs, V]
             logits = logits.index_fill(-1, mask_index, -torch.inf)  # never "decode" [MASK]
@@ -345,7 +345,7 @@ def _decode_group(
 
 @torch.no_grad()
 def ar_generate(
-    model: TwoTowerModel,
+    model: TwoTowerModel | ContextTower,
     prompts: list[list[int]],
     cfg: DecodeConfig,
     eos_id: int | None,
@@ -353,7 +353,9 @@ def ar_generate(
 ) -> tuple[list[list[int]], GenerationStats]:
     """The AR baseline: the context tower (the frozen backbone) decodes one token per forward
     with its cache. Same interface and output convention as ``diffusion_generate``
-    (``threshold`` / ``steps_per_block`` are ignored)."""
+    (``threshold`` / ``steps_per_block`` are ignored). ``model``: a ``TwoTowerModel``, or
+    the ``ContextTower.of(hf_model)`` of a plain causal LM (the one AR decoder of the
+    project: backbone pretraining scores its tasks with it too)."""
     cfg.validate()
     device = _device(model)
     stop_id = eos_id if cfg.stop_at_eos else None

@@ -10,11 +10,10 @@ import os
 import secrets
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from twotower_train.config import Config, LoggerBackend
+from twotower_train.config import LoggerBackend, LoggerConfig
 
 _BOLD, _DIM, _GREEN, _CYAN, _RESET = "\033[1m", "\033[2m", "\033[32m", "\033[36m", "\033[0m"
 
@@ -33,17 +32,26 @@ def _fmt_eta(seconds: float) -> str:
 class MetricsLogger:
     """Writes each logged step to metrics.jsonl, the console and (optionally) W&B."""
 
-    def __init__(self, cfg: Config, run_dir: Path, enabled: bool = True):
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: LoggerConfig,
+        *,
+        total_steps: int,
+        run_config: dict | None = None,
+        enabled: bool = True,
+    ):
+        """``run_config``: the run's whole configuration, stored with a W&B run."""
         self.enabled = enabled
-        self.total_steps = cfg.train.steps
+        self.total_steps = total_steps
         self.color = sys.stdout.isatty()
         self.wandb = None
         if not enabled:
             return
         self.path = run_dir / "metrics.jsonl"
         self._file = open(self.path, "a")  # noqa: SIM115 -- appends across resumes
-        if cfg.logger.backend == LoggerBackend.wandb:
-            self.wandb = _start_wandb(cfg, run_dir)
+        if cfg.backend == LoggerBackend.wandb:
+            self.wandb = _start_wandb(cfg, run_dir, run_config or {})
 
     def log(self, step: int, metrics: dict[str, Any], console: bool = True) -> None:
         if not self.enabled:
@@ -94,7 +102,7 @@ class MetricsLogger:
             self.wandb.finish()
 
 
-def _start_wandb(cfg: Config, run_dir: Path):
+def _start_wandb(lg: LoggerConfig, run_dir: Path, run_config: dict):
     """Start (or continue, after a resume) the W&B run whose id is kept in run.dir."""
     import wandb
 
@@ -104,7 +112,6 @@ def _start_wandb(cfg: Config, run_dir: Path):
     else:
         run_id = secrets.token_hex(4)
         id_file.write_text(run_id)
-    lg = cfg.logger
     mode = os.environ.get("WANDB_MODE", lg.mode.value)
     run = wandb.init(
         project=lg.project,
@@ -116,7 +123,7 @@ def _start_wandb(cfg: Config, run_dir: Path):
         id=run_id,
         resume="allow",
         dir=str(run_dir),
-        config=_plain(asdict(cfg)),
+        config=_plain(run_config),
     )
     return run
 

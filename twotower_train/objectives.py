@@ -1,21 +1,26 @@
 """Training objectives as thin modules around a model: forward(batch) -> metrics.
 
 The engine wraps one of these, so DeepSpeed sees a module whose forward returns
-the loss; the model code itself knows nothing about objectives.
+the loss; the model code itself knows nothing about objectives. Each objective also
+knows what it trained, so it says how to score and export it (``evaluate``,
+``export``), given a plain (non-DeepSpeed) fp32 copy of its model.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from twotower_train.config import Config
+from twotower_train.config import DiffusionConfig, DistillConfig, EvalConfig
 from twotower_train.diffusion import (
     after_eos_targets,
     diffusion_ce,
     distillation_kl,
     expand_blocks,
+    mask_prob,
     mask_tokens,
     sample_t,
     shift_teacher_logits,
@@ -29,6 +34,37 @@ class CausalLMObjective(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+
+    @torch.no_grad()
+    def evaluate(
+        self, model: nn.Module, tokenizer, cfg: EvalConfig, out_dir: Path, logger=None, step=None
+    ) -> dict[str, float]:
+        """Greedy exact match of the trained backbone ``model`` on the generation tasks of
+        ``cfg.tasks``, decoded with the project's one AR decoder: ``{"task/NAME": acc}``."""
+        from twotower_train.eval import tasks
+        from twotower_train.generate import DecodeConfig, ar_generate
+        from twotower_train.model import ContextTower
+
+        gen_tasks = tasks.of_kind(cfg.tasks, tasks.GenerationTask)
+        if not gen_tasks:
+            return {}
+        decode = DecodeConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+        examples = tasks.generation_examples(gen_tasks, cfg.max_examples_per_task)
+        scores, _, _ = tasks.generation_scores(
+            ar_generate, ContextTower.of(model), tokenizer, examples, decode
+        )
+        out = {f"task/{name}": acc for name, acc in scores.items()}
+        if logger is not None:
+            logger.log(step, out)
+        return out
+
+    def export(self, model: nn.Module, tokenizer, out_dir: Path, dtype=None) -> Path:
+        """The trained backbone as a Hugging Face folder (safetensors + tokenizer)."""
+        if dtype is not None:
+            model = model.to(dtype)
+        model.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+        return out_dir
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """input_ids [B, L] -> {"loss": mean next-token CE over positions with loss}."""
@@ -48,16 +84,24 @@ class TwoTowerObjective(nn.Module):
     distribution (KD). Noise comes from torch's global RNG, which checkpoints restore.
     """
 
-    def __init__(self, model: nn.Module, cfg: Config, eos_id: int | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        diffusion: DiffusionConfig,
+        distill: DistillConfig,
+        *,
+        doc_mask: bool = True,
+        eos_id: int | None = None,
+    ):
         super().__init__()
-        self.eos_id = eos_id
         self.model = model
-        self.block_size = cfg.denoiser.block_size
+        self.block_size = model.config.block_size
         self.mask_id = model.config.mask_token_id
-        self.diffusion = cfg.diffusion
-        self.distill = cfg.distill
-        self.time_conditioning = cfg.denoiser.time_conditioning
-        self.doc_mask = cfg.data.doc_mask
+        self.time_conditioning = model.config.time_conditioning
+        self.diffusion = diffusion
+        self.distill = distill
+        self.doc_mask = doc_mask  # use the batch's doc_ids (data.doc_mask)
+        self.eos_id = eos_id
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         clean, loss_mask = batch["input_ids"], batch["loss_mask"]
@@ -91,9 +135,12 @@ class TwoTowerObjective(nn.Module):
             loss_mask=maskable,
         )
         masked = masked & scored
-        logits, context_logits = self.model.forward_train(
-            clean, noisy, t=t if self.time_conditioning else None, doc_ids=doc_ids
-        )
+        # A time-conditioned denoiser reads each block's mask rate m(t), not t: decoding
+        # knows the masked fraction of a block, whatever schedule trained the model.
+        rate = None
+        if self.time_conditioning:
+            rate = mask_prob(t, d.schedule.value).clamp(*d.mask_range)
+        logits, context_logits = self.model.forward_train(clean, noisy, t=rate, doc_ids=doc_ids)
         t_tok = expand_blocks(t, self.block_size)
         ce = diffusion_ce(
             logits,
@@ -131,3 +178,19 @@ class TwoTowerObjective(nn.Module):
             )
         out["loss"] = loss
         return out
+
+    def evaluate(
+        self, model: nn.Module, tokenizer, cfg: EvalConfig, out_dir: Path, logger=None, step=None
+    ) -> dict[str, float]:
+        """Retained performance of the trained two-tower ``model`` against its backbone
+        (``eval/harness.py``): report.json/md and the plot into ``out_dir``."""
+        from twotower_train.eval.harness import evaluate
+
+        report = evaluate(model, tokenizer, cfg, out_dir, logger, step)
+        return {"retained": report["retained"]}
+
+    def export(self, model: nn.Module, tokenizer, out_dir: Path, dtype=None) -> Path:
+        """The released model folder (``release.py``)."""
+        from twotower_train.release import save_release
+
+        return save_release(model, tokenizer, out_dir, dtype=dtype)

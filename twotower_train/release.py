@@ -3,65 +3,92 @@
     release/
         backbone/                  the frozen context tower (HF save_pretrained, safetensors)
         denoiser.safetensors       every trainable weight (the denoiser tower)
-        twotower_config.json       TwoTowerModel.from_backbone arguments + format version
+        twotower_config.json       the model's TwoTowerConfig + format version
         tokenizer files            (tokenizer.json, tokenizer_config.json, ...)
 
-`load_release(path)` reads it back without pickle.
+`load_release(path)` / `TwoTowerModel.from_release(path)` read it back without pickle.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from twotower_train.model import TwoTowerModel
+from twotower_train.errors import first_line
+from twotower_train.model import TwoTowerConfig, TwoTowerModel
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 (before TwoTowerConfig) named two settings differently and spelled dtypes as torch does.
+_V1_NAMES = {"denoiser_layers": "layers", "tie_denoiser_head": "tie_head"}
+_V1_DTYPES = {"bfloat16": "bf16", "float32": "fp32"}
 CONFIG_FILE = "twotower_config.json"
 DENOISER_FILE = "denoiser.safetensors"
 
 
 def save_release(model: TwoTowerModel, tokenizer, out_dir: Path, dtype=None) -> Path:
-    """Write `model` (and its tokenizer) into `out_dir` (replaced if it exists)."""
+    """Write ``model`` (and its tokenizer) into ``out_dir``, replacing a release there.
+
+    Written into a sibling temporary folder first and renamed into place, so an
+    interrupted export never leaves a half-written release. ``dtype`` casts the stored
+    denoiser weights (e.g. bf16 for a bf16-trained run)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
     state = {
         k: (v.to(dtype) if dtype is not None else v).detach().cpu().contiguous()
         for k, v in model.denoiser.state_dict().items()
     }
-    # Tied weights are stored once per name by safetensors only if they are distinct tensors.
-    save_file({k: v.clone() for k, v in state.items()}, str(out_dir / DENOISER_FILE))
-    model.backbone.save_pretrained(out_dir / "backbone", safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    # safetensors refuses tensors that share memory (a tied head): store each name apart.
+    save_file({k: v.clone() for k, v in state.items()}, str(tmp / DENOISER_FILE))
+    model.backbone.save_pretrained(tmp / "backbone", safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
     config = {"format_version": FORMAT_VERSION, **model.config.to_dict()}
-    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
     return out_dir
 
 
-def load_release(path: str | Path, dtype: torch.dtype = torch.float32):
-    """(TwoTowerModel, tokenizer) from a folder written by `save_release`."""
+def is_release(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def load_release(path: str | Path, dtype: torch.dtype = torch.float32, tokenizer: bool = True):
+    """``(TwoTowerModel, tokenizer)`` from a folder written by ``save_release`` (the
+    tokenizer is None with ``tokenizer=False``). Safetensors only, never pickle."""
     path = Path(path)
     for needed in (CONFIG_FILE, DENOISER_FILE, "backbone/config.json"):
         if not (path / needed).is_file():
             raise FileNotFoundError(f"{path} is not a two-tower release: {needed} is missing")
-    config = json.loads((path / CONFIG_FILE).read_text())
-    if config.pop("format_version", None) != FORMAT_VERSION:
-        raise ValueError(f"{path / CONFIG_FILE}: unsupported format version")
+    try:
+        values = json.loads((path / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path / CONFIG_FILE} is corrupt: {exc}") from None
+    version = values.pop("format_version", None)
+    if version == 1:
+        values = {_V1_NAMES.get(k, k): v for k, v in values.items()}
+        values["context_dtype"] = _V1_DTYPES.get(values.get("context_dtype"))
+    elif version != FORMAT_VERSION:
+        raise ValueError(
+            f"{path / CONFIG_FILE}: format version {version} is not supported "
+            f"(this version of twotower_train reads 1 and {FORMAT_VERSION})"
+        )
+    config = TwoTowerConfig.from_dict(values)
     backbone = AutoModelForCausalLM.from_pretrained(path / "backbone", dtype=dtype)
-    context_dtype = config.pop("context_dtype", None)
-    model = TwoTowerModel.from_backbone(
-        backbone,
-        **config,
-        context_dtype=getattr(torch, context_dtype) if context_dtype else None,
-    )
+    model = TwoTowerModel.from_backbone(backbone, config)
     try:
         state = load_file(str(path / DENOISER_FILE))
     except Exception as exc:
-        raise ValueError(f"{path / DENOISER_FILE} is corrupt: {exc}") from None
+        raise ValueError(f"{path / DENOISER_FILE} is corrupt: {first_line(exc)}") from None
     model.denoiser.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model.eval(), tokenizer
+    tok = AutoTokenizer.from_pretrained(path) if tokenizer else None
+    return model.eval(), tok

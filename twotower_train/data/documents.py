@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from twotower_train.config import BadDocumentPolicy, ConfigError, DataSourceConfig, SourceKind
+from twotower_train.errors import first_line
 
 
 class DataError(ConfigError):
@@ -315,7 +316,7 @@ class ParquetReader(FileReader):
             try:
                 names = pq.read_schema(f).names
             except Exception as exc:  # pyarrow: not a parquet file, truncated, ...
-                raise DataError(f"{f}: not a readable parquet file ({_first_line(exc)})") from None
+                raise DataError(f"{f}: not a readable parquet file ({first_line(exc)})") from None
             missing = [c for c in self.columns if c not in names]
             if missing:
                 raise DataError(f"{f}: no column '{missing[0]}' (columns: {', '.join(names)})")
@@ -360,11 +361,6 @@ def _columns(src: DataSourceConfig) -> list[str]:
     return [src.prompt_field, src.completion_field]
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def open_hub_dataset(src: DataSourceConfig, streaming: bool, label: str):
     """`datasets.load_from_disk` for a save_to_disk folder, else `datasets.load_dataset`."""
     import datasets
@@ -393,7 +389,7 @@ def open_hub_dataset(src: DataSourceConfig, streaming: bool, label: str):
     except (DataError, FileNotFoundError):
         raise
     except Exception as exc:
-        raise DataError(f"{label}: cannot load dataset '{src.path}': {_first_line(exc)}") from None
+        raise DataError(f"{label}: cannot load dataset '{src.path}': {first_line(exc)}") from None
 
 
 class HubReader:

@@ -358,6 +358,10 @@ def _cached_source(spec, reader, bad, v: int, b: _Build) -> tuple[CachedRows, Ro
     return rows, val, ["rows", rows.num_rows, len(cache.tokens)]
 
 
+def _silent(msg: str) -> None:
+    pass
+
+
 def build_loader(
     cfg: DataConfig,
     tokenizer,
@@ -371,11 +375,9 @@ def build_loader(
 ) -> Loader:
     """The loader for `cfg` (see module doc). `block_size` (the denoiser's) is checked
     against `cfg.seq_len` and used to report documents shorter than one block. `log`
-    (default: rank 0 prints) receives one-line progress and statistics messages."""
-    from twotower_train.metrics import info as print_info
-
+    receives one-line progress and statistics messages (None: silent)."""
     if log is None:
-        log = print_info if rank == 0 else (lambda msg: None)
+        log = _silent
     L = cfg.seq_len
     if block_size is not None and (block_size < 1 or L % block_size):
         raise DataError(f"data.seq_len={L} must be a multiple of denoiser.block_size={block_size}")

@@ -68,13 +68,13 @@ class SourceSpec:
 
 
 def _tiny_world_spec(index: int, src: DataSourceConfig) -> SourceSpec:
-    from twotower_train.data import tiny_world
+    from twotower_train import tiny_world
 
     train_file = Path(tiny_world.CORPUS_DIR) / tiny_world.TRAIN_FILE
     if not train_file.is_file():
         raise FileNotFoundError(
             f"tiny-world corpus {train_file} is missing; rebuild it with "
-            "`python -m twotower_train.data.tiny_world build`"
+            f"`{tiny_world.BUILD_COMMAND}`"
         )
 
     def val_reader() -> ListReader:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from twotower_train.engine.distributed import DistEnv, barrier
+from twotower_train.errors import first_line
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
@@ -132,8 +133,7 @@ class CheckpointManager:
         try:
             load_path, _ = engine.load_checkpoint(str(self.root), tag=tag)
         except Exception as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"checkpoint {path} is corrupt: {msg}") from None
+            raise CheckpointError(f"checkpoint {path} is corrupt: {first_line(exc)}") from None
         if load_path is None:
             raise CheckpointError(f"checkpoint {path} is corrupt: DeepSpeed found no model states")
         rng_file = path / f"rng_rank{self.env.rank:05d}.pt"

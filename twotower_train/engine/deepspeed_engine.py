@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from twotower_train.config import Config, DType, LRSchedule, OptimConfig
+from twotower_train.config import DeepSpeedConfig, DType, LRSchedule, OptimConfig
 
 
 def lr_lambda(step: int, total: int, opt: OptimConfig) -> float:
@@ -35,8 +35,15 @@ def lr_lambda(step: int, total: int, opt: OptimConfig) -> float:
     return 1.0 - (1.0 - floor) * progress
 
 
-def deepspeed_config(cfg: Config, grad_accum: int, world_size: int) -> dict[str, Any]:
-    ds = cfg.deepspeed
+def deepspeed_config(
+    ds: DeepSpeedConfig,
+    *,
+    micro_batch_size: int,
+    grad_accum: int,
+    world_size: int,
+    grad_clip: float,
+    dtype: DType,
+) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": ds.stage}
     if ds.stage > 0:
         zero.update(
@@ -49,12 +56,12 @@ def deepspeed_config(cfg: Config, grad_accum: int, world_size: int) -> dict[str,
             raise ValueError("deepspeed.offload_optimizer needs ZeRO stage >= 1")
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
-        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
-        "train_batch_size": cfg.train.micro_batch_size * grad_accum * world_size,
+        "train_batch_size": micro_batch_size * grad_accum * world_size,
         # Explicit: DeepSpeed's own default is 1.0.
-        "gradient_clipping": cfg.optim.grad_clip,
-        "bf16": {"enabled": cfg.precision.dtype == DType.bf16},
+        "gradient_clipping": grad_clip,
+        "bf16": {"enabled": dtype == DType.bf16},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
@@ -77,36 +84,55 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def build_engine(module: nn.Module, cfg: Config, grad_accum: int, world_size: int):
-    """`deepspeed.initialize` with a client AdamW and a LambdaLR schedule."""
+def build_engine(
+    module: nn.Module,
+    opt: OptimConfig,
+    ds: DeepSpeedConfig,
+    *,
+    dtype: DType,
+    total_steps: int,
+    micro_batch_size: int,
+    grad_accum: int,
+    world_size: int,
+):
+    """`deepspeed.initialize` with a client AdamW over the trainable parameters and a
+    LambdaLR schedule of ``total_steps``. Returns ``(engine, optimizer, scheduler)``."""
     import deepspeed
 
-    opt = cfg.optim
     optimizer = torch.optim.AdamW(
         param_groups(module, opt.weight_decay),
         lr=opt.lr,
         betas=(opt.beta1, opt.beta2),
         eps=opt.eps,
     )
-    total = cfg.train.steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, total, opt))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, total_steps, opt)
+    )
+    config = deepspeed_config(
+        ds,
+        micro_batch_size=micro_batch_size,
+        grad_accum=grad_accum,
+        world_size=world_size,
+        grad_clip=opt.grad_clip,
+        dtype=dtype,
+    )
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=module,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, grad_accum, world_size),
+        config=config,
         dist_init_required=False,
     )
     return engine, optimizer, scheduler
 
 
 def trainable_state_dict(engine) -> dict[str, torch.Tensor]:
-    """The full (gathered) module state dict on every rank, fp32 on CPU."""
+    """The trained parameters (``requires_grad``; not the frozen context tower), gathered
+    on every rank (collective under ZeRO-3), fp32 on CPU, named as in ``engine.module``."""
     import deepspeed
 
-    module = engine.module
-    params = list(module.parameters())
+    named = [(k, p) for k, p in engine.module.named_parameters() if p.requires_grad]
     with deepspeed.zero.GatheredParameters(
-        params, modifier_rank=None, enabled=engine.zero_optimization_stage() == 3
+        [p for _, p in named], modifier_rank=None, enabled=engine.zero_optimization_stage() == 3
     ):
-        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+        return {k: p.detach().float().cpu().clone() for k, p in named}

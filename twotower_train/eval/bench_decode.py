@@ -4,9 +4,10 @@ per denoiser forward on the tiny world's held-out prompts.
     python -m twotower_train.bench decode --backbone tiny_llama --batch-sizes 1 8
     python -m twotower_train.eval.bench_decode ...            (the same, standalone)
 
-The denoiser is a fresh copy of the backbone unless ``--denoiser-state`` points at a
-safetensors file of trained ``denoiser.*`` weights, so by default the speed is real but
-the tokens per forward are those of an untrained denoiser.
+``--release PATH`` benchmarks a released two-tower model (``python -m twotower_train``
+writes one to ``runs/<recipe>/release``). Without it the denoiser is a fresh copy of
+``--backbone``: the speed is real, the tokens per forward are those of an untrained
+denoiser.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import torch
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", default="tiny_llama", help="shipped name or local folder")
-    p.add_argument("--denoiser-state", default=None, help="safetensors of denoiser weights")
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--release", default=None, help="a released two-tower model folder")
+    p.add_argument(
+        "--backbone", default="tiny_llama", help="without --release: shipped name or local folder"
+    )
+    p.add_argument("--block-size", type=int, default=16, help="without --release")
     p.add_argument("--prompts", type=int, default=32, help="held-out prompts per setting")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.8, 0.95])
@@ -31,34 +34,26 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def _build(args):
-    from twotower_train.backbones import load_backbone, load_tokenizer
-    from twotower_train.config import BackboneConfig
-    from twotower_train.model import TwoTowerModel
+    from twotower_train.backbones import load_two_tower
+    from twotower_train.model import TwoTowerConfig
+    from twotower_train.release import load_release
 
-    bcfg = BackboneConfig(name_or_path=args.backbone)
-    tokenizer = load_tokenizer(bcfg)
-    model = TwoTowerModel.from_backbone(
-        load_backbone(bcfg, tokenizer),
-        block_size=args.block_size,
-        mask_token_id=tokenizer.mask_token_id,
-    )
-    if args.denoiser_state:
-        from safetensors.torch import load_file
-
-        state = load_file(args.denoiser_state)
-        model.load_state_dict(state, strict=False)
+    if args.release:
+        model, tokenizer = load_release(args.release)
+    else:
+        model, tokenizer = load_two_tower(args.backbone, TwoTowerConfig(block_size=args.block_size))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     return model.to(device=device, dtype=dtype).eval(), tokenizer, device
 
 
 def run(args: argparse.Namespace) -> dict:
-    from twotower_train.eval.tasks import GENERATION_TASKS, generation_examples
+    from twotower_train.eval import tasks
     from twotower_train.generate import DecodeConfig, ar_generate, diffusion_generate
 
     model, tokenizer, device = _build(args)
-    per_task = -(-args.prompts // len(GENERATION_TASKS))
-    examples = [ex for t in GENERATION_TASKS for ex in generation_examples(t, per_task)]
+    gen_tasks = tasks.of_kind(list(tasks.registry()), tasks.GenerationTask)
+    examples = tasks.generation_examples(gen_tasks, -(-args.prompts // len(gen_tasks)))
     prompts = [tokenizer.encode(ex["prompt"], add_special_tokens=False) for ex in examples]
     prompts = prompts[: args.prompts]
     eos = tokenizer.eos_token_id
@@ -108,8 +103,8 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
-        "backbone": args.backbone,
-        "block_size": args.block_size,
+        "model": args.release or f"{args.backbone} (untrained denoiser)",
+        "block_size": model.block_size,
         "dtype": args.dtype,
         "prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens,

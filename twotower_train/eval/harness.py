@@ -48,7 +48,7 @@ def evaluate_run(cfg) -> dict:
     if torch.cuda.is_available():
         model = model.cuda()
     run_dir.mkdir(parents=True, exist_ok=True)
-    logger = MetricsLogger(cfg, run_dir)
+    logger = MetricsLogger(run_dir, cfg.logger, total_steps=cfg.train.steps, run_config=asdict(cfg))
     try:
         report = evaluate(model, tokenizer, cfg.eval, run_dir / "eval", logger)
     finally:
@@ -69,36 +69,26 @@ def _decode_cfg(cfg: EvalConfig, threshold: float, batch_size: int) -> DecodeCon
     )
 
 
-def _exact_match_by_task(tokenizer, examples, prompt_ids, outputs) -> dict[str, float]:
-    hits: dict[str, list[int]] = {}
-    for ex, p, o in zip(examples, prompt_ids, outputs):
-        text = tasks.continuation_text(tokenizer, p, o)
-        hits.setdefault(ex["task"], []).append(int(tasks.exact_match(text, ex["answer"])))
-    return {t: sum(h) / len(h) for t, h in hits.items()}
-
-
-def _generation(model, tokenizer, cfg: EvalConfig, names: list[str]):
+def _generation(model, tokenizer, cfg: EvalConfig, gen_tasks: list[tasks.GenerationTask]):
     """Exact match per task for both towers, the threshold sweep, and the prompts used."""
-    examples = [ex for n in names for ex in tasks.generation_examples(n, cfg.max_examples_per_task)]
-    prompt_ids = [tokenizer.encode(ex["prompt"], add_special_tokens=False) for ex in examples]
-    eos = tokenizer.eos_token_id
-    ar_out, _ = ar_generate(model, prompt_ids, _decode_cfg(cfg, cfg.threshold, cfg.batch_size), eos)
-    backbone = _exact_match_by_task(tokenizer, examples, prompt_ids, ar_out)
+    examples = tasks.generation_examples(gen_tasks, cfg.max_examples_per_task)
+    backbone, _, prompt_ids = tasks.generation_scores(
+        ar_generate, model, tokenizer, examples, _decode_cfg(cfg, cfg.threshold, cfg.batch_size)
+    )
     runs: dict[float, tuple[dict[str, float], GenerationStats]] = {}
     for th in [cfg.threshold, *cfg.threshold_sweep]:
-        if th in runs:
-            continue
-        out, stats = diffusion_generate(
-            model, prompt_ids, _decode_cfg(cfg, th, cfg.batch_size), eos
-        )
-        runs[th] = (_exact_match_by_task(tokenizer, examples, prompt_ids, out), stats)
+        if th not in runs:
+            scores, stats, _ = tasks.generation_scores(
+                diffusion_generate, model, tokenizer, examples, _decode_cfg(cfg, th, cfg.batch_size)
+            )
+            runs[th] = (scores, stats)
     return backbone, runs, examples, prompt_ids
 
 
-def _perplexity(model, tokenizer, cfg: EvalConfig) -> TaskScore:
+def _perplexity(model, tokenizer, cfg: EvalConfig, task: tasks.PerplexityTask) -> TaskScore:
     bs = model.block_size
     seq_len = -(-cfg.perplexity_seq_len // bs) * bs
-    rows = tasks.perplexity_rows(tokenizer, seq_len, cfg.max_examples_per_task)
+    rows = task.rows(tokenizer, seq_len, cfg.max_examples_per_task)
     nll, n_tok = likelihood.ar_nll(model, rows, cfg.batch_size)
     bound, per_sample = likelihood.diffusion_elbo(
         model,
@@ -110,8 +100,8 @@ def _perplexity(model, tokenizer, cfg: EvalConfig) -> TaskScore:
     )
     ar_nll = nll / n_tok
     return TaskScore(
-        tasks.PERPLEXITY,
-        "perplexity (two-tower: ELBO bound)",
+        task.name,
+        task.metric,
         float(torch.tensor(ar_nll).exp()),
         float(torch.tensor(bound).exp()),
         higher_is_better=False,
@@ -125,8 +115,8 @@ def _perplexity(model, tokenizer, cfg: EvalConfig) -> TaskScore:
     )
 
 
-def _multiple_choice(model, tokenizer, cfg: EvalConfig) -> TaskScore:
-    items = tasks.mc_examples(cfg.max_examples_per_task)
+def _multiple_choice(model, tokenizer, cfg: EvalConfig, task: tasks.ChoiceTask) -> TaskScore:
+    items = task.items(cfg.max_examples_per_task)
     requests = [
         tasks.split_continuation(tokenizer, item["prompt"], choice)
         for item in items
@@ -143,9 +133,7 @@ def _multiple_choice(model, tokenizer, cfg: EvalConfig) -> TaskScore:
             lps = [next(scores)[0] for _ in item["choices"]]
             correct += max(range(len(lps)), key=lps.__getitem__) == item["label"]
         accs[tower] = correct / len(items)
-    return TaskScore(
-        tasks.MC_TASK, "acc (loglikelihood)", accs["backbone"], accs["twotower"], n=len(items)
-    )
+    return TaskScore(task.name, task.metric, accs["backbone"], accs["twotower"], n=len(items))
 
 
 def _speed(model, prompt_ids: list[list[int]], cfg: EvalConfig, eos: int) -> dict | None:
@@ -200,22 +188,24 @@ def evaluate(
     model.eval()
     try:
         scores: list[TaskScore] = []
-        gen_names = [n for n in cfg.tasks if n in tasks.GENERATION_TASKS]
+        gen_tasks = tasks.of_kind(cfg.tasks, tasks.GenerationTask)
         runs, speed = {}, None
-        if gen_names:
-            backbone, runs, examples, prompt_ids = _generation(model, tokenizer, cfg, gen_names)
+        if gen_tasks:
+            backbone, runs, examples, prompt_ids = _generation(model, tokenizer, cfg, gen_tasks)
             main_scores = runs[cfg.threshold][0]
-            counts = {n: sum(ex["task"] == n for ex in examples) for n in gen_names}
-            for n in gen_names:
-                scores.append(TaskScore(n, "exact_match", backbone[n], main_scores[n], n=counts[n]))
+            for t in gen_tasks:
+                n = sum(ex["task"] == t.name for ex in examples)
+                scores.append(
+                    TaskScore(t.name, t.metric, backbone[t.name], main_scores[t.name], n=n)
+                )
             if cfg.speed_examples > 0:
                 speed = _speed(
                     model, _interleave(examples, prompt_ids), cfg, tokenizer.eos_token_id
                 )
-        if tasks.MC_TASK in cfg.tasks:
-            scores.append(_multiple_choice(model, tokenizer, cfg))
-        if tasks.PERPLEXITY in cfg.tasks:
-            scores.append(_perplexity(model, tokenizer, cfg))
+        for task in tasks.of_kind(cfg.tasks, tasks.ChoiceTask):
+            scores.append(_multiple_choice(model, tokenizer, cfg, task))
+        for task in tasks.of_kind(cfg.tasks, tasks.PerplexityTask):
+            scores.append(_perplexity(model, tokenizer, cfg, task))
         sweep = _sweep_rows(scores, runs, cfg)
     finally:
         model.train(was_training)
@@ -279,16 +269,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threshold", type=float, default=EvalConfig.threshold)
     parser.add_argument("--tasks", nargs="*", default=None)
     args = parser.parse_args(argv)
-    from twotower_train.backbones import load_backbone, load_tokenizer
-    from twotower_train.config import BackboneConfig
+    from twotower_train.backbones import load_two_tower
+    from twotower_train.model import TwoTowerConfig
 
-    bcfg = BackboneConfig(name_or_path=args.backbone)
-    tokenizer = load_tokenizer(bcfg)
-    model = TwoTowerModel.from_backbone(
-        load_backbone(bcfg, tokenizer),
-        block_size=args.block_size,
-        mask_token_id=tokenizer.mask_token_id,
-    )
+    model, tokenizer = load_two_tower(args.backbone, TwoTowerConfig(block_size=args.block_size))
     cfg = EvalConfig(
         max_examples_per_task=args.max_examples,
         speed_examples=args.speed_examples,

@@ -30,7 +30,7 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from twotower_train.diffusion import diffusion_ce, expand_blocks, mask_tokens, sample_t
+from twotower_train.diffusion import diffusion_ce, expand_blocks, mask_prob, mask_tokens, sample_t
 from twotower_train.model import TwoTowerModel
 
 Request = tuple[list[int], list[int]]  # (context ids, continuation ids)
@@ -131,7 +131,7 @@ def _score_block(model, cache, group, requests, k, logp, greedy, max_rows) -> No
         index = torch.tensor(cache_rows[sl], device=device)
         sub_cache = cache.select(index) if cache is not None else None
         t = None
-        if model.config.time_conditioning:  # masked fraction = t of the linear schedule
+        if model.config.time_conditioning:  # the denoiser reads the block's mask rate
             t = (noisy == mask_id).float().mean(1)
         logits = model.denoise_block(sub_cache, noisy, t=t)  # [R, bs, V]
         pos = torch.tensor(positions[sl], device=device)
@@ -176,8 +176,8 @@ def diffusion_elbo(
     Per row: t per block ~ U[eps, 1] (stratified), every scored token masked with prob.
     m(t), ``sum_masked w(t) CE`` over the one-pass forward (``diffusion_ce``, ``elbo``).
     ``samples`` Monte-Carlo draws, draw s seeded with ``seed + s``; returns the mean over
-    draws and each draw's value. The bound does not depend on the schedule for a denoiser
-    without time conditioning; with it, pass the training schedule.
+    draws and each draw's value. A time-conditioned denoiser reads the mask rate m(t) of
+    ``schedule`` (as in training).
     """
     device = _device(model)
     bs = model.block_size
@@ -204,11 +204,8 @@ def diffusion_elbo(
         for b in range(0, n, batch_size):
             sl = slice(b, b + batch_size)
             t_b = t[sl].to(device)
-            logits = model(
-                rows[sl].to(device),
-                noisy[sl].to(device),
-                t=t_b if model.config.time_conditioning else None,
-            )
+            rate = mask_prob(t_b, schedule) if model.config.time_conditioning else None
+            logits = model(rows[sl].to(device), noisy[sl].to(device), t=rate)
             logits[..., model.mask_token_id] = -torch.inf
             m = masked[sl].to(device)
             bound = diffusion_ce(

@@ -18,7 +18,7 @@ against either, so both numbers come from the same prompts and metrics::
 From the command line (registered as ``twotower`` once this module is imported)::
 
     python -m twotower_train.eval.lm_eval_adapter --model_args backbone=tiny_llama,tower=twotower \
-        --tasks tiny_world_mc --include_path twotower_train/eval/lm_eval_tasks
+        --tasks tiny_world_mc --include_path twotower_train/tiny_world/lm_eval_tasks
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from lm_eval.api.registry import register_model
 from twotower_train.eval import likelihood
 from twotower_train.eval.tasks import continuation_text, split_continuation
 from twotower_train.generate import DecodeConfig, ar_generate, diffusion_generate
-from twotower_train.model import TwoTowerModel
+from twotower_train.model import TwoTowerConfig, TwoTowerModel
 
-LOCAL_TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
+LOCAL_TASKS = Path(__file__).resolve().parent.parent / "tiny_world" / "lm_eval_tasks"
 TOWERS = ("backbone", "twotower")
 
 
@@ -87,22 +87,14 @@ class TwoTowerLM(LM):
             threshold=float(args.get("threshold", 0.8)),
             steps_per_block=int(args["steps_per_block"]) if args.get("steps_per_block") else None,
         )
+        from twotower_train.backbones import load_two_tower
+        from twotower_train.release import load_release
+
         if "release" in args:
-            model = TwoTowerModel.from_release(args["release"])
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(args["release"])
+            model, tokenizer = load_release(args["release"])
         else:
-            from twotower_train.backbones import load_backbone, load_tokenizer
-            from twotower_train.config import BackboneConfig
-
-            bcfg = BackboneConfig(name_or_path=args.get("backbone", "tiny_llama"))
-            tokenizer = load_tokenizer(bcfg)
-            model = TwoTowerModel.from_backbone(
-                load_backbone(bcfg, tokenizer),
-                block_size=int(args.get("block_size", 16)),
-                mask_token_id=tokenizer.mask_token_id,
-            )
+            config = TwoTowerConfig(block_size=int(args.get("block_size", 16)))
+            model, tokenizer = load_two_tower(args.get("backbone", "tiny_llama"), config)
         return cls(model, tokenizer, tower=tower, decode=decode, batch_size=int(batch))
 
     # -- scoring ---------------------------------------------------------------------------

@@ -1,49 +1,113 @@
-"""The built-in evaluation tasks, all from the tiny world's held-out split.
+"""Evaluation tasks: a small registry the harness reads, and the one exact-match scorer.
 
-* generation (``add``, ``copy``, ``reverse``, ``sort``, ``recall``): greedy continuation of
-  ``prompt``, exact match against ``answer`` (``tiny_tasks.py``'s convention: cut at EOS,
-  whitespace at either end ignored);
-* ``perplexity``: held-out story paragraphs packed like training (EOS after each, rows of
-  ``seq_len`` tokens);
-* ``tiny_world_mc``: multiple choice built here from the held-out task examples: the
-  true answer and three near misses (an off-by-one sum, a copy for a reverse, one letter
-  changed, ...), choice order shuffled with a fixed seed.
+A task is one of three kinds:
 
-Everything is deterministic: the same examples, in the same order, on every call.
+* ``GenerationTask(name, examples)``: ``examples(limit)`` -> ``[{"prompt", "answer"}, ...]``;
+  the continuation (greedy, cut at EOS) must equal the answer, whitespace at either end
+  ignored (``exact_match``). Every exact-match figure -- the harness's, and the task scores
+  logged while pretraining a backbone -- is counted by ``generation_scores``.
+* ``PerplexityTask(name, rows)``: ``rows(tokenizer, seq_len, limit)`` -> ``[N, seq_len]`` ids.
+* ``ChoiceTask(name, items)``: ``items(limit)`` -> ``[{"prompt", "choices", "label"}, ...]``,
+  scored by the log-likelihood of each choice.
+
+``register(task)`` adds one; the tiny world's tasks (``twotower_train/tiny_world/tasks.py``)
+are registered on first use.
 """
 
 from __future__ import annotations
 
-import random
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from twotower_train.data.packing import pack_documents
-from twotower_train.data.tiny_world import TASKS, load_test_tasks, load_test_text
+BUILTIN_TASK_MODULES = ("twotower_train.tiny_world.tasks",)
 
-GENERATION_TASKS: tuple[str, ...] = TASKS
-PERPLEXITY = "perplexity"
-MC_TASK = "tiny_world_mc"
-KNOWN_TASKS: tuple[str, ...] = (*GENERATION_TASKS, PERPLEXITY, MC_TASK)
-DEFAULT_TASKS: list[str] = list(KNOWN_TASKS)
-MC_SEED = 1234
-MC_PER_TASK = 40
-_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+@dataclass(frozen=True)
+class GenerationTask:
+    name: str
+    examples: Callable[[int | None], list[dict]]
+    metric: str = "exact_match"
+
+
+@dataclass(frozen=True)
+class PerplexityTask:
+    name: str
+    rows: Callable[..., torch.Tensor]  # (tokenizer, seq_len, limit) -> [N, seq_len]
+    metric: str = "perplexity (two-tower: ELBO bound)"
+
+
+@dataclass(frozen=True)
+class ChoiceTask:
+    name: str
+    items: Callable[[int | None], list[dict]]
+    metric: str = "acc (loglikelihood)"
+
+
+Task = GenerationTask | PerplexityTask | ChoiceTask
+_REGISTRY: dict[str, Task] = {}
+_builtins_loaded = False
+
+
+def register(task: Task) -> Task:
+    """Add ``task`` (its name must be new)."""
+    if task.name in _REGISTRY and _REGISTRY[task.name] is not task:
+        raise ValueError(f"an eval task named {task.name!r} is already registered")
+    _REGISTRY[task.name] = task
+    return task
+
+
+def registry() -> dict[str, Task]:
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True
+        for module in BUILTIN_TASK_MODULES:
+            importlib.import_module(module)
+    return _REGISTRY
+
+
+def get(name: str) -> Task:
+    tasks = registry()
+    if name not in tasks:
+        raise ValueError(f"unknown eval task {name!r}; expected one of {sorted(tasks)}")
+    return tasks[name]
 
 
 def check_tasks(names: list[str]) -> None:
-    unknown = [n for n in names if n not in KNOWN_TASKS]
+    unknown = [n for n in names if n not in registry()]
     if unknown:
-        raise ValueError(f"unknown eval task(s) {unknown}; expected some of {list(KNOWN_TASKS)}")
+        raise ValueError(f"unknown eval task(s) {unknown}; expected some of {sorted(registry())}")
 
 
-# -- generation ------------------------------------------------------------------------------
+def of_kind(names: list[str], kind: type) -> list:
+    """The registered tasks among ``names`` of one kind, in order."""
+    return [get(n) for n in names if isinstance(get(n), kind)]
 
 
-def generation_examples(task: str, limit: int | None = None) -> list[dict]:
-    """Held-out ``{"task", "prompt", "answer"}`` examples of one tiny-world task."""
-    examples = load_test_tasks(task)
-    return examples[:limit] if limit is not None else examples
+# -- the exact-match scorer --------------------------------------------------------------------
+
+
+def generation_examples(tasks: list[GenerationTask], limit: int | None) -> list[dict]:
+    """``{"task", "prompt", "answer"}`` examples of several generation tasks, task by task."""
+    return [{**ex, "task": t.name} for t in tasks for ex in t.examples(limit)]
+
+
+def generation_scores(
+    generate, model, tokenizer, examples: list[dict], decode
+) -> tuple[dict[str, float], object, list[list[int]]]:
+    """Decode every example's prompt with ``generate`` (``generate.ar_generate`` or
+    ``generate.diffusion_generate``, with ``decode``, a ``DecodeConfig``) and score it.
+
+    Returns ``({task: exact-match accuracy}, GenerationStats, prompt ids)``."""
+    prompt_ids = [tokenizer.encode(ex["prompt"], add_special_tokens=False) for ex in examples]
+    outputs, stats = generate(model, prompt_ids, decode, tokenizer.eos_token_id)
+    hits: dict[str, list[int]] = {}
+    for ex, p, o in zip(examples, prompt_ids, outputs):
+        text = continuation_text(tokenizer, p, o)
+        hits.setdefault(ex["task"], []).append(int(exact_match(text, ex["answer"])))
+    return {t: sum(h) / len(h) for t, h in hits.items()}, stats, prompt_ids
 
 
 def exact_match(continuation: str, answer: str) -> bool:
@@ -58,99 +122,6 @@ def continuation_text(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> s
     if full.startswith(prompt):
         return full[len(prompt) :]
     return tokenizer.decode(new_ids, skip_special_tokens=False)
-
-
-# -- perplexity ------------------------------------------------------------------------------
-
-
-def perplexity_rows(tokenizer, seq_len: int, limit: int | None = None) -> torch.Tensor:
-    """Held-out story paragraphs, EOS after each, cut into rows ``[N, seq_len]`` (long)."""
-    docs = [tokenizer.encode(text, add_special_tokens=False) for text in load_test_text()]
-    rows, _ = pack_documents(docs, tokenizer.eos_token_id, seq_len)
-    rows = torch.from_numpy(rows).long()
-    return rows[:limit] if limit is not None else rows
-
-
-# -- multiple choice -------------------------------------------------------------------------
-
-
-def _words(answer: str) -> list[str]:
-    return answer.split()
-
-
-def _join(words: list[str]) -> str:
-    return " " + " ".join(words)
-
-
-def _change_one(words: list[str], rng: random.Random, alphabet: str) -> list[str]:
-    out = list(words)
-    i = rng.randrange(len(out))
-    out[i] = rng.choice([c for c in alphabet if c != out[i]])
-    return out
-
-
-def _near_misses(example: dict, rng: random.Random) -> list[str]:
-    """Wrong answers close to ``example["answer"]``, most telling first."""
-    task, answer, prompt = example["task"], example["answer"], example["prompt"]
-    words = _words(answer)
-    if task == "add":
-        s = int(answer)
-        return [f" {s + d}" for d in (1, -1, 10, -10, 100, -100, 2) if s + d >= 0]
-    if task == "recall":
-        pairs = prompt.split("?")[0].split()[1:]
-        values = [p.split(":")[1] for p in pairs]
-        return [f" {v}" for v in values + list("0123456789") if v != answer.strip()]
-    alphabet = "0123456789" if task == "sort" else _LETTERS
-    args = prompt.split()[1:-1]  # the task's input, in prompt order
-    out = []
-    if task == "copy":
-        out.append(_join(words[::-1]))
-    elif task == "reverse":
-        out.append(_join(args))
-    elif task == "sort":
-        out += [_join(args), _join(words[::-1])]
-    for _ in range(8):
-        out.append(_join(_change_one(words, rng, alphabet)))
-        if len(words) > 1:
-            i = rng.randrange(len(words) - 1)
-            swapped = words[:i] + [words[i + 1], words[i]] + words[i + 2 :]
-            out.append(_join(swapped))
-            out.append(_join(words[:i] + words[i + 1 :]))
-    return out
-
-
-def mc_examples(limit: int | None = None, per_task: int = MC_PER_TASK) -> list[dict]:
-    """``tiny_world_mc``: ``{"task", "prompt", "choices": [4 str], "label": int}``.
-
-    ``per_task`` held-out examples of each tiny-world task (the first ones), each with the
-    true answer and three distinct near misses, shuffled with a fixed seed; tasks
-    interleaved so a ``limit`` keeps every task.
-    """
-    rng = random.Random(MC_SEED)
-    per: dict[str, list[dict]] = {}
-    for task in TASKS:
-        items = []
-        for ex in load_test_tasks(task)[:per_task]:
-            wrong: list[str] = []
-            for cand in _near_misses(ex, rng):
-                if cand.strip() != ex["answer"].strip() and cand not in wrong:
-                    wrong.append(cand)
-                if len(wrong) == 3:
-                    break
-            choices = [ex["answer"], *wrong]
-            order = list(range(len(choices)))
-            rng.shuffle(order)
-            items.append(
-                {
-                    "task": task,
-                    "prompt": ex["prompt"],
-                    "choices": [choices[i] for i in order],
-                    "label": order.index(0),
-                }
-            )
-        per[task] = items
-    interleaved = [per[t][i] for i in range(per_task) for t in TASKS if i < len(per[t])]
-    return interleaved[:limit] if limit is not None else interleaved
 
 
 def split_continuation(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:

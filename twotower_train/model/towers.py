@@ -42,9 +42,27 @@ class ContextTower(nn.Module):
         self.backbone.requires_grad_(False)
         self.backbone.eval()
 
+    @classmethod
+    def of(cls, backbone: nn.Module) -> ContextTower:
+        """The context tower of a plain HF causal LM (frozen in place), e.g. to decode it
+        with ``generate.ar_generate``."""
+        from .adapters import adapter_for
+
+        return cls(backbone, adapter_for(backbone))
+
     @property
     def parts(self):
         return self.adapter.parts(self.backbone)
+
+    def context_extend(
+        self, cache: ContextCache | None, ids: torch.Tensor, chunk_size: int = 16
+    ) -> tuple[ContextCache, torch.Tensor]:
+        """Read a new chunk ``ids [B, T]`` (any T) after ``cache`` (None = empty): the
+        extended cache (a new object, ``last_logits`` set) and the chunk's logits
+        ``[B, T, V]``. ``chunk_size``: the Mamba scan's chunk (no effect on the result)."""
+        out = self(ids, cache, block_size=chunk_size)
+        out.cache.last_logits = out.logits[:, -1]
+        return out.cache, out.logits
 
     def train(self, mode: bool = True) -> ContextTower:
         # Frozen tower: dropout etc. stay off whatever the parent model is set to.
@@ -178,7 +196,7 @@ class DenoiserTower(nn.Module):
         total = len(parts.layers)
         k = total if num_layers is None else num_layers
         if not 1 <= k <= total:
-            raise ValueError(f"denoiser_layers must be in [1, {total}], got {num_layers}")
+            raise ValueError(f"denoiser.layers must be in [1, {total}], got {num_layers}")
         self.adapter = adapter
         self.layer_ids = list(range(total - k, total))
         self.embed = copy.deepcopy(parts.embed)

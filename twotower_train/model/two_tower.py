@@ -8,35 +8,16 @@ over a training batch -- slow and obviously correct, the yardstick of the one-pa
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 from torch import nn
 
 from .adapters import adapter_for
 from .attention import denoiser_block_mask, flex_available
 from .cache import ContextCache, ContextOutputs, DenoiserContext
+from .config import AttnImpl, TwoTowerConfig
 from .masks import denoiser_attention_mask
 from .time_conditioning import expand_timesteps
 from .towers import ContextTower, DenoiserTower
-
-
-@dataclass(frozen=True)
-class TwoTowerConfig:
-    """The knobs ``from_backbone`` was called with (what a release needs to rebuild it)."""
-
-    block_size: int
-    mask_token_id: int
-    denoiser_layers: int | None = None
-    tie_denoiser_head: bool = False
-    mamba_bidirectional: bool = False
-    time_conditioning: bool = False
-    context_dtype: str | None = None
-    attn_impl: str = "sdpa"
-    shift_logits: bool = True
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class TwoTowerModel(nn.Module):
@@ -56,24 +37,15 @@ class TwoTowerModel(nn.Module):
     # -- construction ----------------------------------------------------------------------
     @classmethod
     def from_backbone(
-        cls,
-        backbone: nn.Module,
-        *,
-        block_size: int = 16,
-        mask_token_id: int,
-        denoiser_layers: int | None = None,
-        tie_denoiser_head: bool = False,
-        mamba_bidirectional: bool = False,
-        time_conditioning: bool = False,
-        context_dtype: torch.dtype | None = None,
-        attn_impl: str = "sdpa",
-        shift_logits: bool = True,
+        cls, backbone: nn.Module, config: TwoTowerConfig | None = None, **overrides
     ) -> TwoTowerModel:
         """Build from an HF causal LM (Llama, Qwen2, Qwen3, Nemotron-H).
 
-        The denoiser is deep-copied from ``backbone`` first (in its current dtype); then
-        ``backbone`` itself -- modified in place -- becomes the frozen context tower, cast to
-        ``context_dtype`` if given. ``denoiser_layers=k`` copies only the top k layers.
+        ``config`` (default ``TwoTowerConfig()``) with ``overrides`` of its fields, e.g.
+        ``from_backbone(backbone, block_size=4, mask_token_id=127)``; ``mask_token_id`` must
+        be set. The denoiser is deep-copied from ``backbone`` first (in its current dtype);
+        then ``backbone`` itself -- modified in place -- becomes the frozen context tower,
+        cast to ``context_dtype`` if set. ``layers=k`` copies only the top k layers.
 
         ``shift_logits=True`` keeps the backbone's next-token reading of its outputs: the
         prediction for position p is the denoiser's output at p - 1 inside the block, and
@@ -81,41 +53,37 @@ class TwoTowerModel(nn.Module):
         of the clean prefix (uniform for position 0). The copied LM head then starts out
         predicting the right tokens instead of their successors.
         """
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
-        if attn_impl not in ("sdpa", "flex"):
-            raise ValueError(f"attn_impl must be 'sdpa' or 'flex', got {attn_impl!r}")
-        if attn_impl == "flex" and not flex_available():
+        config = (config or TwoTowerConfig()).replace(**overrides)
+        config.validate()
+        if config.attn_impl == AttnImpl.flex and not flex_available():
             raise ValueError("attn_impl='flex' needs torch.nn.attention.flex_attention")
         vocab = backbone.get_input_embeddings().num_embeddings
-        if not 0 <= mask_token_id < vocab:
-            raise ValueError(f"mask_token_id {mask_token_id} outside the vocabulary (size {vocab})")
+        if config.mask_token_id is None:
+            raise ValueError("mask_token_id is not set (the tokenizer has no mask token?)")
+        if not 0 <= config.mask_token_id < vocab:
+            raise ValueError(
+                f"mask_token_id {config.mask_token_id} outside the vocabulary (size {vocab})"
+            )
         adapter = adapter_for(backbone)
         denoiser = DenoiserTower(
             backbone,
             adapter,
-            num_layers=denoiser_layers,
-            tie_head=tie_denoiser_head,
-            mamba_bidirectional=mamba_bidirectional,
-            time_conditioning=time_conditioning,
+            num_layers=config.layers,
+            tie_head=config.tie_head,
+            mamba_bidirectional=config.mamba_bidirectional,
+            time_conditioning=config.time_conditioning,
         )
-        if context_dtype is not None:
-            backbone.to(context_dtype)
-        context = ContextTower(backbone, adapter)
-        config = TwoTowerConfig(
-            block_size=block_size,
-            mask_token_id=mask_token_id,
-            denoiser_layers=denoiser_layers,
-            tie_denoiser_head=tie_denoiser_head,
-            mamba_bidirectional=mamba_bidirectional,
-            time_conditioning=time_conditioning,
-            context_dtype=None
-            if context_dtype is None
-            else str(context_dtype).replace("torch.", ""),
-            attn_impl=attn_impl,
-            shift_logits=shift_logits,
-        )
-        return cls(context, denoiser, config)
+        if config.context_dtype is not None:
+            backbone.to(config.context_dtype.torch)
+        return cls(ContextTower(backbone, adapter), denoiser, config)
+
+    @classmethod
+    def from_release(cls, path, dtype: torch.dtype = torch.float32) -> TwoTowerModel:
+        """A model released with ``twotower_train.release.save_release`` (safetensors only);
+        its tokenizer: ``AutoTokenizer.from_pretrained(path)`` or ``release.load_release``."""
+        from twotower_train.release import load_release
+
+        return load_release(path, dtype=dtype, tokenizer=False)[0]
 
     @property
     def block_size(self) -> int:
@@ -209,7 +177,7 @@ class TwoTowerModel(nn.Module):
     def _use_flex(self, device: torch.device) -> bool:
         """FlexAttention where it runs: CUDA (compiled), or CPU without autograd (eager; torch
         has no CPU flex backward). Otherwise the SDPA boolean-mask path, same predicate."""
-        if self.config.attn_impl != "flex":
+        if self.config.attn_impl != AttnImpl.flex:
             return False
         return device.type == "cuda" or not torch.is_grad_enabled()
 
@@ -246,9 +214,7 @@ class TwoTowerModel(nn.Module):
     ) -> tuple[ContextCache, torch.Tensor]:
         """Run the context tower on a new chunk ``ids [B, T]`` (any T) after ``cache``.
         Returns the extended cache (a new object) and the chunk's logits ``[B, T, V]``."""
-        out = self.context(ids, cache, block_size=self.block_size)
-        out.cache.last_logits = out.logits[:, -1]
-        return out.cache, out.logits
+        return self.context.context_extend(cache, ids, chunk_size=self.block_size)
 
     def denoise_block(
         self,

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 
 def multiple_choice(**_) -> dict:
-    """``tiny_world_mc``: the same items the built-in harness scores (``eval/tasks.py``)."""
+    """``tiny_world_mc``: the same items the built-in harness scores (``tiny_world/tasks.py``)."""
     from datasets import Dataset, DatasetDict
 
-    from twotower_train.eval.tasks import mc_examples
+    from twotower_train.tiny_world.tasks import mc_examples
 
     return DatasetDict({"test": Dataset.from_list(mc_examples())})
 
@@ -20,7 +20,7 @@ def generation(**_) -> dict:
     """``tiny_world_gen``: held-out ``{task, prompt, answer}`` examples, tasks interleaved."""
     from datasets import Dataset, DatasetDict
 
-    from twotower_train.data.tiny_world import TASKS, load_test_tasks
+    from twotower_train.tiny_world import TASKS, load_test_tasks
 
     per = {t: load_test_tasks(t) for t in TASKS}
     rows = [per[t][i] for i in range(max(map(len, per.values()))) for t in TASKS if i < len(per[t])]

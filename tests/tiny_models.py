@@ -1,6 +1,6 @@
 """Tiny random backbones of every supported family, built from configs (no downloads).
 
-For tests and CPU smoke runs: ``tiny_backbone("nemotron_h")`` is a 6-layer hybrid with
+For the tests (no downloads): ``tiny_backbone("nemotron_h")`` is a 6-layer hybrid with
 Mamba-2, attention, MoE and MLP blocks, hidden size 64, vocabulary 128, fp32.
 """
 

@@ -1,0 +1,130 @@
+"""How ``TwoTowerObjective`` combines its parts: the teacher, the distillation weight, the
+time weighting, time conditioning -- each checked against an independent computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY
+
+from twotower_train.backbones import load_backbone, load_tokenizer
+from twotower_train.config import compose
+from twotower_train.train import build_objective
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# A random tiny Llama (scratch) as backbone, block 8, fp32.
+TT = [*TINY, "train.objective=twotower", "denoiser.block_size=8", "precision=fp32"]
+
+
+def objective(*overrides: str):
+    cfg = compose([*TT, *overrides])
+    tokenizer = load_tokenizer(cfg.backbone)
+    torch.manual_seed(0)  # the same weights whatever the overrides
+    return build_objective(cfg, load_backbone(cfg.backbone, tokenizer), tokenizer)
+
+
+def batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 2048, (2, 32), generator=g)
+    return {"input_ids": ids, "loss_mask": torch.ones_like(ids, dtype=torch.bool)}
+
+
+def run(obj, seed: int = 1, **kwargs) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)  # the objective draws t and masks from the global RNG
+    return obj(batch(), **kwargs)
+
+
+def test_teacher_is_the_shifted_context_logits() -> None:
+    """KD = mean over masked positions p >= 1 of KL(softmax(context[p - 1]) || softmax(student[p]))."""
+    obj = objective("distill=kd", "distill.weight=1.0")
+    seen = {}
+    forward_train = obj.model.forward_train
+
+    def spy(clean, noisy, **kw):
+        seen["noisy"] = noisy
+        seen["out"] = forward_train(clean, noisy, **kw)
+        return seen["out"]
+
+    obj.model.forward_train = spy
+    with torch.no_grad():
+        out = run(obj)
+    student, context = seen["out"]
+    masked = seen["noisy"] == obj.mask_id
+    masked[:, 0] = False  # position 0 has no teacher
+    b, p = masked.nonzero(as_tuple=True)
+    kl = F.kl_div(
+        F.log_softmax(student[b, p], -1),
+        F.log_softmax(context[b, p - 1], -1),
+        log_target=True,
+        reduction="none",
+    ).sum(-1)
+    assert masked.any() and float(out["kd"]) == pytest.approx(float(kl.mean()), rel=1e-5)
+
+
+def _grads(obj, **overrides) -> torch.Tensor:
+    obj.zero_grad()
+    for k, v in overrides.items():
+        setattr(obj.distill, k, v)
+    run(obj)["loss"].backward()
+    return torch.cat([p.grad.flatten() for p in obj.model.denoiser.parameters()])
+
+
+def test_distill_weight_scales_the_kd_gradient() -> None:
+    obj = objective("distill=kd")
+    g0, g1, g3 = (_grads(obj, weight=w) for w in (0.0, 1.0, 3.0))
+    assert not torch.allclose(g0, g1)
+    # loss = CE + w KD: the gradient is affine in w
+    torch.testing.assert_close(g3 - g0, 3 * (g1 - g0), rtol=1e-3, atol=1e-6)
+
+
+def test_t_weighting_changes_the_kd_term() -> None:
+    values = {}
+    for weighting in ("none", "t", "one_minus_t"):  # the enum's names (1-t is its value)
+        with torch.no_grad():
+            values[weighting] = float(
+                run(objective("distill=kd", f"distill.t_weighting={weighting}"))["kd"]
+            )
+    # same masks and t (same seed): t and 1 - t split the unweighted mean between them
+    assert values["t"] != pytest.approx(values["none"]) and values["t"] < values["none"]
+    assert values["t"] + values["one_minus_t"] == pytest.approx(values["none"], rel=1e-5)
+
+
+def test_ce_weighting_changes_the_loss() -> None:
+    with torch.no_grad():
+        plain = run(objective("diffusion.weighting=none"))
+        elbo = run(objective("diffusion.weighting=elbo"))
+    assert float(plain["masked_ce"]) == pytest.approx(float(elbo["masked_ce"]), rel=1e-6)
+    assert float(plain["loss"]) != pytest.approx(float(elbo["loss"]))
+
+
+def test_time_conditioning_reads_the_mask_rate() -> None:
+    """The flag is not ignored: the denoiser's output moves with the rate it is given once
+    its (zero-initialised) modulation is non-zero, and the objective feeds it m(t)."""
+    obj = objective("denoiser.time_conditioning=true", "diffusion.schedule=cosine")
+    model = obj.model
+    assert model.denoiser.time_cond is not None
+    with torch.no_grad():
+        for p in model.denoiser.time_cond.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids = batch()["input_ids"]
+    noisy = ids.masked_fill(torch.rand(ids.shape) < 0.5, obj.mask_id)
+    with torch.no_grad():
+        lo = model(ids, noisy, t=torch.full((2,), 0.1))
+        hi = model(ids, noisy, t=torch.full((2,), 0.9))
+    assert (lo - hi).abs().max() > 1e-3
+    seen = {}
+    forward_train = model.forward_train
+
+    def spy(clean, noisy, t=None, **kw):
+        seen["rate"], seen["noisy"] = t, noisy
+        return forward_train(clean, noisy, t=t, **kw)
+
+    model.forward_train = spy
+    with torch.no_grad():
+        run(obj, seed=3)
+    rate = seen["rate"]  # [B, nb]: each block's mask probability under the cosine schedule
+    frac = (seen["noisy"] == obj.mask_id).float().view(2, -1, 8).mean(-1)
+    assert rate.shape == frac.shape and ((rate - frac).abs() < 0.5).all()
+    assert not torch.equal(rate, torch.zeros_like(rate))

@@ -1,0 +1,205 @@
+"""Released two-tower models: the round trip for every setting, the errors, and every entry
+point that loads a release (``from_release``, lm-eval adapter and CLI, decode benchmark)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, subprocess_env
+from tiny_models import tiny_backbone
+
+from twotower_train.eval.bench_decode import _build as build_bench_model
+from twotower_train.eval.bench_decode import add_args as bench_args
+from twotower_train.model import TwoTowerConfig, TwoTowerModel
+from twotower_train.release import CONFIG_FILE, DENOISER_FILE, load_release, save_release
+from twotower_train.tiny_world import load_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MASK = 2  # the tiny world's [MASK]
+
+
+def trained(family: str = "llama", **settings) -> TwoTowerModel:
+    """A two-tower model whose denoiser differs from the backbone copy (as after training)."""
+    backbone = tiny_backbone(family, vocab_size=2048)
+    model = TwoTowerModel.from_backbone(backbone, block_size=4, mask_token_id=MASK, **settings)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.denoiser.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def outputs(model: TwoTowerModel) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    clean = torch.randint(3, 2000, (2, 16), generator=g)
+    noisy = clean.masked_fill(torch.rand(clean.shape, generator=g) < 0.5, MASK)
+    t = torch.rand(2, generator=g) if model.config.time_conditioning else None
+    with torch.no_grad():
+        return model(clean, noisy, t=t)
+
+
+@pytest.mark.parametrize(
+    "family,settings",
+    [
+        ("llama", {}),
+        ("llama", {"tie_head": True}),
+        ("qwen3", {"layers": 2}),
+        ("llama", {"time_conditioning": True}),
+        ("nemotron_h", {"mamba_bidirectional": True, "context_dtype": "bf16"}),
+    ],
+    ids=str,
+)
+def test_round_trip_is_exact_and_pickle_free(tmp_path: Path, family, settings) -> None:
+    model = trained(family, **settings)
+    tokenizer = load_tokenizer()
+    save_release(model, tokenizer, tmp_path / "release")
+    files = [p.name for p in (tmp_path / "release").rglob("*") if p.is_file()]
+    assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    stored = json.loads((tmp_path / "release" / CONFIG_FILE).read_text())
+    assert stored.pop("format_version") == 2
+    assert TwoTowerConfig.from_dict(stored) == model.config
+    loaded, tok = load_release(tmp_path / "release")
+    assert loaded.config == model.config
+    assert tok.mask_token_id == MASK and tok.encode("add 1 2 =") == tokenizer.encode("add 1 2 =")
+    torch.testing.assert_close(outputs(loaded), outputs(model), rtol=0, atol=0)
+    again = TwoTowerModel.from_release(tmp_path / "release")
+    torch.testing.assert_close(outputs(again), outputs(model), rtol=0, atol=0)
+    if settings.get("tie_head"):
+        assert loaded.denoiser.head.weight is loaded.denoiser.embed.weight
+
+
+def test_bf16_release(tmp_path: Path) -> None:
+    model = trained()
+    save_release(model, load_tokenizer(), tmp_path / "release", dtype=torch.bfloat16)
+    loaded, _ = load_release(tmp_path / "release")
+    for name, p in loaded.denoiser.state_dict().items():  # loaded in fp32, bf16-exact values
+        want = model.denoiser.state_dict()[name].to(torch.bfloat16).float()
+        assert p.dtype == torch.float32 and torch.equal(p, want), name
+
+
+def test_release_errors(tmp_path: Path) -> None:
+    path = tmp_path / "release"
+    save_release(trained(), load_tokenizer(), path)
+    config = json.loads((path / CONFIG_FILE).read_text())
+    (path / CONFIG_FILE).write_text(json.dumps({**config, "format_version": 99}))
+    with pytest.raises(ValueError, match="format version 99 is not supported"):
+        load_release(path)
+    (path / CONFIG_FILE).write_text(json.dumps({**config, "denoiser_layer": 2}))
+    with pytest.raises(ValueError, match="unknown two-tower setting"):
+        load_release(path)
+    (path / CONFIG_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="is corrupt"):
+        load_release(path)
+    (path / CONFIG_FILE).write_text(json.dumps(config))
+    (path / DENOISER_FILE).write_bytes(b"junk")
+    with pytest.raises(ValueError, match="is corrupt"):
+        load_release(path)
+    (path / DENOISER_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="denoiser.safetensors is missing"):
+        load_release(path)
+
+
+def test_format_version_1_still_loads(tmp_path: Path) -> None:
+    """Releases written before TwoTowerConfig (format 1) keep loading."""
+    path = tmp_path / "release"
+    model = trained("qwen3", layers=2, tie_head=True)
+    save_release(model, load_tokenizer(), path)
+    v1 = {
+        "format_version": 1,
+        "block_size": 4,
+        "mask_token_id": MASK,
+        "denoiser_layers": 2,
+        "tie_denoiser_head": True,
+        "mamba_bidirectional": False,
+        "time_conditioning": False,
+        "context_dtype": None,
+        "attn_impl": "sdpa",
+        "shift_logits": True,
+    }
+    (path / CONFIG_FILE).write_text(json.dumps(v1))
+    loaded, _ = load_release(path)
+    assert loaded.config == model.config
+    torch.testing.assert_close(outputs(loaded), outputs(model), rtol=0, atol=0)
+
+
+def test_a_failed_save_leaves_the_old_release(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "release"
+    model = trained()
+    save_release(model, load_tokenizer(), path)
+    before = {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()}
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(model.backbone), "save_pretrained", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_release(trained(), load_tokenizer(), path)
+    assert {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()} == before
+
+
+# -- entry points that load a release ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory) -> tuple[Path, TwoTowerModel]:
+    path = tmp_path_factory.mktemp("rel") / "release"
+    model = trained()
+    save_release(model, load_tokenizer(), path)
+    return path, model
+
+
+def test_decode_benchmark_loads_the_trained_denoiser(release) -> None:
+    path, model = release
+    parser = argparse.ArgumentParser()
+    bench_args(parser)
+    loaded, _, _ = build_bench_model(parser.parse_args(["--release", str(path)]))
+    for name, p in model.denoiser.state_dict().items():
+        assert torch.equal(loaded.denoiser.state_dict()[name], p), name
+    fresh, _, _ = build_bench_model(parser.parse_args(["--block-size", "8"]))
+    assert fresh.block_size == 8
+
+
+def test_lm_eval_adapter_from_arg_string(release) -> None:
+    pytest.importorskip("lm_eval")
+    from twotower_train.eval import likelihood
+    from twotower_train.eval.lm_eval_adapter import TwoTowerLM
+
+    path, model = release
+    lm = TwoTowerLM.create_from_arg_string(f"release={path},tower=twotower,batch_size=4")
+    torch.testing.assert_close(outputs(lm.model), outputs(model), rtol=0, atol=0)
+    pairs = [([5, 6, 7], [8, 9, 10])]
+    assert lm._score(pairs) == likelihood.denoiser_loglikelihood(model, pairs, 4)
+
+
+def test_lm_eval_command_line_on_a_release(release, tmp_path: Path) -> None:
+    """The command docs/evaluation.md gives, on a release folder."""
+    pytest.importorskip("lm_eval")
+    import subprocess
+
+    path, _ = release
+    tasks_dir = REPO / "twotower_train" / "tiny_world" / "lm_eval_tasks"
+    cmd = [
+        sys.executable,
+        "-m",
+        "twotower_train.eval.lm_eval_adapter",
+        "--model_args",
+        f"release={path},tower=twotower,batch_size=4",
+        "--tasks",
+        "tiny_world_mc",
+        "--include_path",
+        str(tasks_dir),
+        "--limit",
+        "2",
+        "--output_path",
+        str(tmp_path / "out"),
+    ]
+    env = subprocess_env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "tiny_world_mc" in proc.stdout
