@@ -99,22 +99,6 @@ def tiny_args(tmp_path: Path) -> list[str]:
     return [*TINY, f"run.dir={tmp_path / 'run'}"]
 
 
-def engine_for(module, cfg, grad_accum: int = 1, world_size: int = 1):
-    """``build_engine`` with the run config's sections, as ``train.setup`` calls it."""
-    from twotower_train.engine.deepspeed_engine import build_engine
-
-    return build_engine(
-        module,
-        cfg.optim,
-        cfg.deepspeed,
-        dtype=cfg.precision.dtype,
-        total_steps=cfg.train.steps,
-        micro_batch_size=cfg.train.micro_batch_size,
-        grad_accum=grad_accum,
-        world_size=world_size,
-    )
-
-
 def pytest_collection_modifyitems(config, items):
     """``gpu`` tests need CUDA: skipped (with the reason) where there is none."""
     import torch

@@ -15,7 +15,6 @@ import torch
 from conftest import (
     REPO,
     TINY,
-    engine_for,
     losses,
     read_metrics,
     run_cli,
@@ -26,7 +25,7 @@ from conftest import (
 from twotower_train.config import OptimConfig, compose
 from twotower_train.engine.deepspeed_engine import lr_lambda
 from twotower_train.engine.distributed import init_distributed
-from twotower_train.train import train
+from twotower_train.train import engine_for, train
 
 
 def _train_in_process(tmp_path: Path, *overrides: str) -> dict[int, float]:

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, engine_for, losses, read_metrics, run_cli
+from conftest import TINY, losses, read_metrics, run_cli
 
 from twotower_train.backbones import load_backbone, load_tokenizer
 from twotower_train.config import compose
 from twotower_train.engine.distributed import init_distributed
-from twotower_train.train import build_objective, train
+from twotower_train.train import build_objective, engine_for, train
 
 # A random tiny Llama (scratch) as backbone, trained as a two-tower model.
 TT = [

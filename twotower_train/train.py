@@ -51,6 +51,20 @@ def build_objective(cfg: Config, backbone, tokenizer) -> nn.Module:
     )
 
 
+def engine_for(module: nn.Module, cfg: Config, grad_accum: int = 1, world_size: int = 1):
+    """``build_engine`` with the sections of the run config it reads."""
+    return build_engine(
+        module,
+        cfg.optim,
+        cfg.deepspeed,
+        dtype=cfg.precision.dtype,
+        total_steps=cfg.train.steps,
+        micro_batch_size=cfg.train.micro_batch_size,
+        grad_accum=grad_accum,
+        world_size=world_size,
+    )
+
+
 @dataclass
 class Run:
     """Everything the loop touches, built by ``setup``."""
@@ -134,16 +148,7 @@ def setup(cfg: Config, run_dir: Path | None) -> Run:
         sum(p.numel() for p in objective.parameters() if p.requires_grad),
         sum(p.numel() for p in objective.parameters()),
     )
-    engine, _, scheduler = build_engine(
-        objective.to(device),
-        cfg.optim,
-        cfg.deepspeed,
-        dtype=cfg.precision.dtype,
-        total_steps=cfg.train.steps,
-        micro_batch_size=cfg.train.micro_batch_size,
-        grad_accum=grad_accum,
-        world_size=env.world_size,
-    )
+    engine, _, scheduler = engine_for(objective.to(device), cfg, grad_accum, env.world_size)
     torch.manual_seed(cfg.run.seed + 1000 * env.rank)  # per-rank noise from here on
 
     run = Run(
