@@ -197,6 +197,26 @@ def test_harness_scores_a_registered_task(model, tokenizer, tmp_path):
     assert row["n"] == 2 and 0.0 <= row["backbone"] <= 1.0
 
 
+def test_verified_mode_is_reported_and_lossless(model, tokenizer, tmp_path):
+    cfg = EvalConfig(
+        tasks=["add", "copy"],
+        max_examples_per_task=3,
+        max_new_tokens=6,
+        threshold_sweep=[],
+        speed_examples=2,
+        batch_size=8,
+        verify=True,
+    )
+    report = evaluate(model, tokenizer, cfg, tmp_path)
+    verified = report["verified"]
+    assert {"retained", "tokens_per_step", "mean_accepted", "speedup_vs_ar"} <= set(verified)
+    for t in report["tasks"]:  # token for token the backbone's decoding: the same scores
+        assert verified["tasks"][t["name"]] == t["backbone"]
+    assert verified["tokens_per_step"] >= 1.0 and verified["speedup_vs_ar"] > 0
+    assert "Verified decoding" in (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "report.json").read_text())["verified"]["tasks"]
+
+
 def test_unknown_task_is_refused(model, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="unknown eval task"):
         evaluate(model, tokenizer, EvalConfig(tasks=["nope"]), tmp_path)

@@ -17,7 +17,7 @@ from twotower_train.generate import (
 )
 from twotower_train.model import TwoTowerModel
 
-MASK, BS = 127, 4
+VOCAB, MASK, BS = 128, 127, 4
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [3, 4, 5, 6, 7, 8, 9, 10], [20, 21, 22]]
 
 
@@ -252,3 +252,62 @@ def test_time_conditioned_decoding_and_likelihoods_read_the_mask_rate():
     (rate,) = rates
     torch.testing.assert_close(rate, mask_prob(t, "cosine"))
     assert not torch.allclose(rate, t)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "nemotron_h"])
+def test_verified_decoding_is_ar_greedy(family):
+    """verify=True: token for token the backbone's greedy decoding -- batched or not, prompts
+    of different lengths, budgets that end inside a block, EOS inside a block, every
+    threshold (the untrained denoiser's drafts are mostly rejected: the rollback runs)."""
+    model = build(family)
+    budget = 11  # ends inside the third block of 4
+    ar, _ = ar_generate(
+        model, PROMPTS, DecodeConfig(max_new_tokens=budget, stop_at_eos=False), None
+    )
+    for threshold in (0.0, 0.8, 2.0):
+        cfg = DecodeConfig(
+            threshold=threshold, max_new_tokens=budget, stop_at_eos=False, verify=True
+        )
+        got, stats = diffusion_generate(model, PROMPTS, cfg, eos_id=None)
+        assert got == ar
+        assert [diffusion_generate(model, [p], cfg, None)[0][0] for p in PROMPTS] == ar
+        assert stats.rounds > 0 and stats.tokens_per_step >= 1.0
+        assert stats.new_tokens == len(PROMPTS) * budget
+    # an EOS inside a block: the AR output cut there, with the EOS counted
+    eos = ar[0][5]
+    want, ar_stats = ar_generate(model, PROMPTS, DecodeConfig(max_new_tokens=budget), eos)
+    cfg = DecodeConfig(threshold=0.8, max_new_tokens=budget, verify=True)
+    got, stats = diffusion_generate(model, PROMPTS, cfg, eos)
+    assert got == want and stats.new_tokens == ar_stats.new_tokens
+
+
+def test_verified_decoding_accepts_a_perfect_draft():
+    """A denoiser whose drafts are the backbone's choices has every token accepted: each
+    round keeps a whole block (no rollback) and the stats say so."""
+    model = build("llama", layers=None)
+    budget = 12
+    ar, _ = ar_generate(model, PROMPTS[:1], DecodeConfig(max_new_tokens=budget), None)
+    target = ar[0]
+    prompt_len = len(PROMPTS[0])
+
+    def oracle(cache, block, t=None):  # logits that put all mass on the AR continuation
+        start = cache.length - prompt_len
+        logits = torch.full((*block.shape, VOCAB), -1e4)
+        for i in range(block.shape[1]):
+            if start + i < len(target):
+                logits[:, i, target[start + i]] = 0.0
+        return logits
+
+    model.denoise_block = oracle
+    cfg = DecodeConfig(threshold=0.5, max_new_tokens=budget, stop_at_eos=False, verify=True)
+    got, stats = diffusion_generate(model, PROMPTS[:1], cfg, None)
+    assert got == ar and stats.rounds == budget // BS
+    assert stats.mean_accepted == pytest.approx(
+        (BS + 2 * (BS - 1)) / 3
+    )  # later blocks open with the carry
+    assert stats.tokens_per_step == BS
+
+
+def test_verified_decoding_refuses_sampling():
+    with pytest.raises(ValueError, match="verify=True is greedy"):
+        DecodeConfig(temperature=1.0, verify=True).validate()

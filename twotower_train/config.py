@@ -312,7 +312,10 @@ class EvalConfig:
     batch_size: int = 32
     speed_examples: int = 32  # prompts decoded at batch 1 for tokens/s (0 = skip)
     perplexity_seq_len: int = 128  # rounded up to a multiple of the block size
-    elbo_schedule: str = "linear"  # only matters for a time-conditioned denoiser
+    elbo_schedule: str = "linear"  # noise schedule of the ELBO draws
+    # Also score verified decoding (the context tower checks every drafted block; lossless):
+    # report.json `verified`.
+    verify: bool = False
     # mode=eval: the release folder to score (null = run.dir/release).
     release: str | None = None
 

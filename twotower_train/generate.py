@@ -56,6 +56,8 @@ class DecodeConfig:
     top_p: float = 1.0
     stop_at_eos: bool = True
     batch_size: int = 64  # most rows per forward
+    # Lossless: the context tower verifies every drafted block (greedy; output == AR greedy).
+    verify: bool = False
 
     def validate(self) -> None:
         if self.steps_per_block is not None and self.steps_per_block < 1:
@@ -70,6 +72,11 @@ class DecodeConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.verify and self.temperature > 0:
+            raise ValueError(
+                "verify=True is greedy (its output is the backbone's greedy decoding); "
+                "set temperature=0"
+            )
 
 
 @dataclass
@@ -82,6 +89,10 @@ class GenerationStats:
     ``new_tokens``: decoded tokens (those returned, plus the EOS that ended a sequence);
     ``tokens_per_forward``: new tokens per denoiser forward (AR: per context forward);
     ``denoiser_calls`` / ``context_calls``: batched model invocations.
+    Verified decoding (``DecodeConfig.verify``): ``rounds`` (a round = the denoiser forwards
+    that draft one block plus the context forward that verifies it), ``accepted`` (drafted
+    tokens the backbone agreed with), ``tokens_per_step`` (new tokens per round) and
+    ``mean_accepted`` (accepted drafted tokens per round).
     """
 
     denoiser_forwards: int = 0
@@ -93,12 +104,19 @@ class GenerationStats:
     denoiser_calls: int = 0
     context_calls: int = 0
     sequences: int = 0
+    rounds: int = 0
+    accepted: int = 0
+    tokens_per_step: float = 0.0
+    mean_accepted: float = 0.0
 
     def finish(self, wall_s: float, ar: bool = False) -> GenerationStats:
         self.wall_s = wall_s
         forwards = self.context_forwards if ar else self.denoiser_forwards
         self.tokens_per_forward = self.new_tokens / forwards if forwards else 0.0
         self.tokens_per_s = self.new_tokens / wall_s if wall_s > 0 else 0.0
+        if self.rounds:
+            self.tokens_per_step = self.new_tokens / self.rounds
+            self.mean_accepted = self.accepted / self.rounds
         return self
 
     @classmethod
@@ -106,7 +124,14 @@ class GenerationStats:
         """Sum of several calls (times add up; ratios recomputed)."""
         total = cls()
         for p in parts:
-            for name in ("denoiser_forwards", "context_forwards", "new_tokens", "sequences"):
+            for name in (
+                "denoiser_forwards",
+                "context_forwards",
+                "new_tokens",
+                "sequences",
+                "rounds",
+                "accepted",
+            ):
                 setattr(total, name, getattr(total, name) + getattr(p, name))
             total.denoiser_calls += p.denoiser_calls
             total.context_calls += p.context_calls
@@ -251,7 +276,9 @@ def diffusion_generate(
     """Block-diffusion continuation of each prompt (token ids; any lengths).
 
     Returns the new tokens per prompt (cut before the first EOS when ``stop_at_eos``; at most
-    ``max_new_tokens``) and the call's ``GenerationStats``.
+    ``max_new_tokens``) and the call's ``GenerationStats``. With ``cfg.verify`` every block
+    is verified by the context tower (``_verified_row``): the output is the backbone's
+    greedy decoding, token for token; prompts are then decoded one at a time.
     """
     cfg.validate()
     device = _device(model)
@@ -262,12 +289,15 @@ def diffusion_generate(
     _sync(device)
     t0 = time.perf_counter()
     try:
-        for group in _length_groups(prompts, cfg.batch_size):
+        for group in _length_groups(prompts, 1 if cfg.verify else cfg.batch_size):
             ids = torch.tensor([prompts[i] for i in group], device=device)
             cache, _ = model.context_extend(None, ids)
             stats.context_forwards += len(group)
             stats.context_calls += 1
-            _decode_group(model, cache, group, outputs, cfg, eos_id, generator, stats)
+            if cfg.verify:  # rows accept different lengths: one at a time
+                _verified_row(model, cache, outputs[group[0]], cfg, eos_id, stats)
+            else:
+                _decode_group(model, cache, group, outputs, cfg, eos_id, generator, stats)
     finally:
         model.train(was_training)
     _sync(device)
@@ -286,44 +316,13 @@ def _decode_group(
 ) -> None:
     """Decode blocks for ``rows`` (prompt indices, all with cache length ``cache.length``)."""
     bs, mask_id = model.block_size, model.mask_token_id
-    steps = cfg.steps_per_block or bs
     stop_id = eos_id if cfg.stop_at_eos else None
     device = _device(model)
-    mask_index = torch.tensor([mask_id], device=device)
     produced = 0
     while rows and produced < cfg.max_new_tokens:
         width = min(bs, cfg.max_new_tokens - produced)
         block = torch.full((len(rows), bs), mask_id, dtype=torch.long, device=device)
-        active = torch.ones(len(rows), dtype=torch.bool, device=device)
-        for step in range(steps):
-            t = None
-            if model.config.time_conditioning:  # the denoiser reads the block's mask rate
-                t = (block == mask_id).float().mean(1)
-            logits = model.denoise_block(cache, block, t=t)  # [B, bs, V]
-            logits = logits.index_fill(-1, mask_index, -torch.inf)  # never "decode" [MASK]
-            stats.denoiser_forwards += int(active.sum())
-            stats.denoiser_calls += 1
-            ids, conf = choose_tokens(
-                logits,
-                temperature=cfg.temperature,
-                top_k=cfg.top_k,
-                top_p=cfg.top_p,
-                generator=generator,
-            )
-            block = confidence_unmask_step(
-                block,
-                ids,
-                conf,
-                mask_id=mask_id,
-                threshold=cfg.threshold,
-                steps_left=steps - step,
-                width=width,
-                active=active,
-            )
-            open_rows = (block[:, :width] == mask_id).any(1)
-            active = open_rows & ~_finished_in_block(block, mask_id, stop_id)
-            if not bool(active.any()):
-                break
+        block = _draft_block(model, cache, block, width, cfg, stop_id, generator, stats)
         produced += width
         keep = []
         for j, (row, new) in enumerate(zip(rows, block[:, :width].tolist())):
@@ -341,6 +340,123 @@ def _decode_group(
         cache, _ = model.context_extend(cache, block)
         stats.context_forwards += len(rows)
         stats.context_calls += 1
+
+
+def _draft_block(
+    model: TwoTowerModel,
+    cache: ContextCache,
+    block: torch.Tensor,
+    width: int,
+    cfg: DecodeConfig,
+    stop_id: int | None,
+    generator: torch.Generator | None,
+    stats: GenerationStats,
+) -> torch.Tensor:
+    """Denoiser steps on ``block [B, bs]`` (``[MASK]`` where open) until its first ``width``
+    positions are committed or each row has committed an EOS with nothing open before it."""
+    bs, mask_id = model.block_size, model.mask_token_id
+    steps = cfg.steps_per_block or bs
+    mask_index = torch.tensor([mask_id], device=block.device)
+    active = (block[:, :width] == mask_id).any(1)
+    for step in range(steps):
+        if not bool(active.any()):
+            break
+        t = None
+        if model.config.time_conditioning:  # the denoiser reads the block's mask rate
+            t = (block == mask_id).float().mean(1)
+        logits = model.denoise_block(cache, block, t=t)  # [B, bs, V]
+        logits = logits.index_fill(-1, mask_index, -torch.inf)  # never "decode" [MASK]
+        stats.denoiser_forwards += int(active.sum())
+        stats.denoiser_calls += 1
+        ids, conf = choose_tokens(
+            logits,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+            generator=generator,
+        )
+        block = confidence_unmask_step(
+            block,
+            ids,
+            conf,
+            mask_id=mask_id,
+            threshold=cfg.threshold,
+            steps_left=steps - step,
+            width=width,
+            active=active,
+        )
+        open_rows = (block[:, :width] == mask_id).any(1)
+        active = open_rows & ~_finished_in_block(block, mask_id, stop_id)
+    return block
+
+
+def _verified_row(
+    model: TwoTowerModel,
+    cache: ContextCache,
+    out: list[int],
+    cfg: DecodeConfig,
+    eos_id: int | None,
+    stats: GenerationStats,
+) -> None:
+    """Verified decoding of one prompt (``cache``: its prefix). Per round: the denoiser
+    drafts a block; the context tower reads the draft in one forward (it must, to extend its
+    cache) and its greedy choices verify it: the longest prefix equal to them is kept, the
+    cache is rolled back to it, and the backbone's own next token -- its correction at the
+    first disagreement, or the token after a fully accepted block -- opens the next block
+    already committed. Every kept token is the backbone's greedy choice, so the output is
+    AR greedy decoding, token for token."""
+    bs, mask_id = model.block_size, model.mask_token_id
+    stop_id = eos_id if cfg.stop_at_eos else None
+    device = _device(model)
+    carry: int | None = None  # the backbone's next token, known before the block is drafted
+    while len(out) < cfg.max_new_tokens:
+        width = min(bs, cfg.max_new_tokens - len(out))
+        block = torch.full((1, bs), mask_id, dtype=torch.long, device=device)
+        if carry is not None:
+            block[0, 0] = carry
+        block = _draft_block(model, cache, block, width, cfg, stop_id, None, stats)
+        draft = block[0, :width].tolist()
+        if mask_id in draft:  # stopped at a committed EOS: the rest is not needed
+            draft = draft[: draft.index(mask_id)]
+        if stop_id is not None and stop_id in draft:
+            draft = draft[: draft.index(stop_id) + 1]
+        extended, logits = model.context_extend(cache, torch.tensor([draft], device=device))
+        stats.context_forwards += 1
+        stats.context_calls += 1
+        # the backbone's greedy choice at each drafted position: [last prefix logits ; block]
+        choices = torch.cat([cache.last_logits[:, None], logits[:, :-1]], 1)[0].argmax(-1)
+        agree = (torch.tensor(draft, device=device) == choices).long().cumprod(0)
+        k = int(agree.sum())
+        stats.rounds += 1
+        stats.accepted += k - int(carry is not None and k > 0)  # the carry was not drafted
+        kept = draft[:k]
+        if k == len(draft):
+            cache, carry = extended, int(extended.last_logits[0].argmax())
+        else:
+            cache, carry = _truncate(model, cache, extended, kept, logits, stats), int(choices[k])
+        ended = stop_id is not None and stop_id in kept
+        if ended:
+            kept = kept[: kept.index(stop_id)]
+        out.extend(kept)
+        stats.new_tokens += len(kept) + int(ended)
+        if ended:
+            return
+        if stop_id is not None and carry == stop_id and len(out) < cfg.max_new_tokens:
+            stats.new_tokens += 1  # the backbone ends the sequence here
+            return
+
+
+def _truncate(model, before: ContextCache, extended: ContextCache, kept, logits, stats):
+    """The cache after ``before`` + ``kept`` (a prefix of what ``extended`` read)."""
+    if not kept:
+        return before
+    if not extended.conv and not extended.ssm:  # attention only: cut the K/V
+        return extended.truncate(before.length + len(kept), logits[:, len(kept) - 1])
+    # Mamba states cannot be cut: recompute them from the block's start state
+    cache, _ = model.context_extend(before, torch.tensor([kept], device=logits.device))
+    stats.context_forwards += 1
+    stats.context_calls += 1
+    return cache
 
 
 @torch.no_grad()

@@ -60,12 +60,15 @@ def evaluate_run(cfg) -> dict:
     return report
 
 
-def _decode_cfg(cfg: EvalConfig, threshold: float, batch_size: int) -> DecodeConfig:
+def _decode_cfg(
+    cfg: EvalConfig, threshold: float, batch_size: int, verify: bool = False
+) -> DecodeConfig:
     return DecodeConfig(
         threshold=threshold,
         steps_per_block=cfg.steps_per_block,
         max_new_tokens=cfg.max_new_tokens,
         batch_size=batch_size,
+        verify=verify,
     )
 
 
@@ -136,24 +139,56 @@ def _multiple_choice(model, tokenizer, cfg: EvalConfig, task: tasks.ChoiceTask) 
     return TaskScore(task.name, task.metric, accs["backbone"], accs["twotower"], n=len(items))
 
 
-def _speed(model, prompt_ids: list[list[int]], cfg: EvalConfig, eos: int) -> dict | None:
+def _speed(
+    model, prompt_ids: list[list[int]], cfg: EvalConfig, eos: int, verify: bool = False
+) -> dict | None:
     """tokens/s of both decoders at batch 1 on the same prompts, interleaved (same machine
-    state for both), after one warm-up call each."""
+    state for both), after one warm-up call each. ``verify``: the diffusion side decodes
+    verified."""
     prompts = prompt_ids[: cfg.speed_examples]
     if not prompts:
         return None
     dcfg = _decode_cfg(cfg, cfg.threshold, 1)
+    vcfg = _decode_cfg(cfg, cfg.threshold, 1, verify=verify)
     ar_generate(model, prompts[:1], dcfg, eos)
-    diffusion_generate(model, prompts[:1], dcfg, eos)
+    diffusion_generate(model, prompts[:1], vcfg, eos)
     ar_stats, dif_stats = [], []
     for p in prompts:
         ar_stats.append(ar_generate(model, [p], dcfg, eos)[1])
-        dif_stats.append(diffusion_generate(model, [p], dcfg, eos)[1])
+        dif_stats.append(diffusion_generate(model, [p], vcfg, eos)[1])
     return {
         "examples": len(prompts),
         "device": str(next(model.parameters()).device),
         "ar": GenerationStats.combine(ar_stats, ar=True).to_dict(),
         "diffusion": GenerationStats.combine(dif_stats).to_dict(),
+    }
+
+
+def _verified(model, tokenizer, cfg: EvalConfig, examples, backbone, prompt_ids) -> dict:
+    """Verified decoding of the generation tasks: its scores (equal to the backbone's, by
+    construction), tokens per step, accepted tokens, and batch-1 speed vs AR."""
+    from twotower_train.eval.report import TaskScore, retained_ratios
+
+    scores, stats, _ = tasks.generation_scores(
+        diffusion_generate,
+        model,
+        tokenizer,
+        examples,
+        _decode_cfg(cfg, cfg.threshold, cfg.batch_size, verify=True),
+    )
+    retained, _ = retained_ratios([TaskScore(t, "em", backbone[t], scores[t]) for t in scores])
+    speed = _speed(model, prompt_ids, cfg, tokenizer.eos_token_id, verify=True)
+    speedup = None
+    if speed and speed["ar"]["tokens_per_s"] > 0:
+        speedup = speed["diffusion"]["tokens_per_s"] / speed["ar"]["tokens_per_s"]
+    return {
+        "retained": retained,
+        "tokens_per_step": stats.tokens_per_step,
+        "mean_accepted": stats.mean_accepted,
+        "speedup_vs_ar": speedup,
+        "tokens_per_forward": stats.tokens_per_forward,
+        "tasks": scores,
+        "speed": speed,
     }
 
 
@@ -189,7 +224,7 @@ def evaluate(
     try:
         scores: list[TaskScore] = []
         gen_tasks = tasks.of_kind(cfg.tasks, tasks.GenerationTask)
-        runs, speed = {}, None
+        runs, speed, verified = {}, None, None
         if gen_tasks:
             backbone, runs, examples, prompt_ids = _generation(model, tokenizer, cfg, gen_tasks)
             main_scores = runs[cfg.threshold][0]
@@ -198,10 +233,11 @@ def evaluate(
                 scores.append(
                     TaskScore(t.name, t.metric, backbone[t.name], main_scores[t.name], n=n)
                 )
+            speed_prompts = _interleave(examples, prompt_ids)
             if cfg.speed_examples > 0:
-                speed = _speed(
-                    model, _interleave(examples, prompt_ids), cfg, tokenizer.eos_token_id
-                )
+                speed = _speed(model, speed_prompts, cfg, tokenizer.eos_token_id)
+            if cfg.verify:
+                verified = _verified(model, tokenizer, cfg, examples, backbone, speed_prompts)
         for task in tasks.of_kind(cfg.tasks, tasks.ChoiceTask):
             scores.append(_multiple_choice(model, tokenizer, cfg, task))
         for task in tasks.of_kind(cfg.tasks, tasks.PerplexityTask):
@@ -222,6 +258,7 @@ def evaluate(
         },
         config=asdict(cfg),
         wall_s=time.perf_counter() - t0,
+        verified=verified,
     )
     paths = write_report(report, Path(out_dir))
     log_report(report, paths, logger, step)

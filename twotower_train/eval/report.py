@@ -74,6 +74,7 @@ def build_report(
     decode: dict,
     config: dict,
     wall_s: float,
+    verified: dict | None = None,
 ) -> dict:
     retained, mean_of_ratios = retained_ratios(scores)
     speedup = None
@@ -102,6 +103,7 @@ def build_report(
         **decode,
         "sweep": sweep,
         "speed": speed,
+        "verified": verified,
         "eval_wall_s": wall_s,
         "config": config,
     }
@@ -146,6 +148,19 @@ def report_markdown(report: dict) -> str:
             f"(diffusion {speed['diffusion']['tokens_per_s']:.1f} tokens/s, "
             f"AR {speed['ar']['tokens_per_s']:.1f} tokens/s)"
         )
+    verified = report.get("verified")
+    if verified:
+        lines += [
+            "",
+            "## Verified decoding (lossless: the backbone checks every drafted block)",
+            "",
+            f"- **retained**: {_fmt(verified['retained'], True)} "
+            f"(exact-match tasks: {', '.join(verified['tasks'])})",
+            f"- **tokens per step** (a step = the denoiser forwards drafting a block + one "
+            f"context forward verifying it): {_fmt(verified['tokens_per_step'])}; mean "
+            f"accepted drafted tokens per step: {_fmt(verified['mean_accepted'])}",
+            f"- **speed vs AR** (batch 1, same prompts): {_fmt(verified['speedup_vs_ar'])}x",
+        ]
     if report["sweep"]:
         lines += [
             "",
@@ -211,6 +226,9 @@ def summary_metrics(report: dict) -> dict[str, float]:
     for key in ("retained", "retained_mean_of_ratios", "tokens_per_forward", "speedup_vs_ar"):
         if report[key] is not None:
             out[f"eval/{key}"] = float(report[key])
+    for key, value in (report.get("verified") or {}).items():
+        if isinstance(value, float | int) and value is not None:
+            out[f"eval/verified_{key}"] = float(value)
     for t in report["tasks"]:
         for col in ("backbone", "twotower", "retained"):
             if t[col] is not None:

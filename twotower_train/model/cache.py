@@ -34,6 +34,20 @@ class ContextCache:
     # the next token, which a shifted denoiser uses for the first position of a block.
     last_logits: torch.Tensor | None = None
 
+    def truncate(self, length: int, last_logits: torch.Tensor) -> ContextCache:
+        """The cache of the first ``length`` tokens, attention-only caches (K/V are cut; Mamba
+        states cannot be and must be recomputed). ``last_logits [B, V]``: the logits at
+        position ``length - 1``."""
+        if self.conv or self.ssm:
+            raise ValueError("a cache with Mamba states cannot be truncated; recompute it")
+        if not 0 < length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
+
+        def cut(d: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+            return {k: v[:, :, :length] for k, v in d.items()}
+
+        return ContextCache(length, cut(self.keys), cut(self.values), last_logits=last_logits)
+
     def select(self, index: torch.Tensor) -> ContextCache:
         """The cache of a subset / reordering of the batch (``index [B']``)."""
 
