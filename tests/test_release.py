@@ -200,6 +200,6 @@ def test_lm_eval_command_line_on_a_release(release, tmp_path: Path) -> None:
         str(tmp_path / "out"),
     ]
     env = subprocess_env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tiny_world_mc" in proc.stdout
