@@ -160,3 +160,14 @@ def test_after_eos_positions_in_the_loss(after_eos: str, moves: bool) -> None:
     other[:, 28:] = torch.randint(3, 2048, (2, 4), generator=g)
     a, b = _objective_loss(after_eos, clean), _objective_loss(after_eos, other)
     assert (abs(a - b) > 1e-4) == moves, (a, b)
+
+
+def test_rerunning_a_finished_run_is_a_no_op(tmp_path: Path) -> None:
+    """The same command again on a finished run: resumes at the last step, trains nothing,
+    exits cleanly (and exports again)."""
+    args = [*TT, "train.steps=2", "eval.tasks=[]", f"run.dir={tmp_path / 'run'}"]
+    train(compose(args))
+    before = losses(tmp_path / "run")
+    train(compose(args))
+    assert losses(tmp_path / "run") == before
+    assert (tmp_path / "run" / "release" / "denoiser.safetensors").is_file()

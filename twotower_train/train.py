@@ -201,6 +201,7 @@ def train(cfg: Config) -> dict[str, float]:
     _announce(run)
     preempt = PreemptionFlag()
     meter = StepMeter(run.step)
+    over_time = False
     engine.train()
     while run.step < t.steps:
         for _ in range(run.grad_accum):
