@@ -122,6 +122,14 @@ def test_objective_variants_train(tmp_path: Path, override: str) -> None:
     train(compose([*TT, "train.steps=2", override, f"run.dir={tmp_path / 'run'}"]))
     got = losses(tmp_path / "run")
     assert sorted(got) == [1, 2] and all(torch.isfinite(torch.tensor(v)) for v in got.values())
+    if override == "denoiser.time_conditioning=true":  # the flag reached the trained model
+        from twotower_train.model import TwoTowerModel
+
+        model = TwoTowerModel.from_release(tmp_path / "run" / "release")
+        assert model.config.time_conditioning and model.denoiser.time_cond is not None
+        # zero-initialised, then trained: the modulation is no longer zero
+        cond = model.denoiser.time_cond
+        assert cond.table.abs().sum() > 0 and cond.mlp[-1].weight.abs().sum() > 0
 
 
 def _objective_loss(after_eos: str, clean: torch.Tensor, seed: int = 0) -> float:
