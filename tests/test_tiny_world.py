@@ -211,7 +211,7 @@ def _ar(model, prompt_ids, n, batch_size=64, eos_id=None):
 
 
 def test_ar_exact_match_batched_equals_unbatched(tiny_llama, tokenizer):
-    examples = [{**e, "task": e["task"]} for task in TASKS for e in load_test_tasks(task)[:3]]
+    examples = [e for task in TASKS for e in load_test_tasks(task)[:3]]
     tower = ContextTower.of(tiny_llama)
     scores = {}
     for batch in (1, 8):

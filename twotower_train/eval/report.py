@@ -227,7 +227,7 @@ def summary_metrics(report: dict) -> dict[str, float]:
         if report[key] is not None:
             out[f"eval/{key}"] = float(report[key])
     for key, value in (report.get("verified") or {}).items():
-        if isinstance(value, float | int) and value is not None:
+        if isinstance(value, float | int):
             out[f"eval/verified_{key}"] = float(value)
     for t in report["tasks"]:
         for col in ("backbone", "twotower", "retained"):

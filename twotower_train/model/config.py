@@ -63,9 +63,7 @@ class TwoTowerConfig:
 
     def replace(self, **changes) -> TwoTowerConfig:
         """A copy with ``changes`` (field names only)."""
-        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise TypeError(f"unknown two-tower setting(s) {sorted(unknown)}")
+        _check_names(changes, TypeError)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -78,7 +76,11 @@ class TwoTowerConfig:
     @classmethod
     def from_dict(cls, values: dict) -> TwoTowerConfig:
         """Inverse of ``to_dict``; an unknown key is an error (a newer or foreign file)."""
-        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown two-tower setting(s) {sorted(unknown)}")
+        _check_names(values, ValueError)
         return cls(**values)
+
+
+def _check_names(values: dict, error: type[Exception]) -> None:
+    unknown = set(values) - {f.name for f in dataclasses.fields(TwoTowerConfig)}
+    if unknown:
+        raise error(f"unknown two-tower setting(s) {sorted(unknown)}")

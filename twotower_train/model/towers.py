@@ -21,7 +21,7 @@ import copy
 import torch
 from torch import nn
 
-from .adapters import ATTENTION, MAMBA, BackboneAdapter
+from .adapters import ATTENTION, MAMBA, BackboneAdapter, adapter_for
 from .attention import attend
 from .cache import ContextCache, ContextOutputs, DenoiserContext
 from .mamba import mamba_mix, mamba_project
@@ -46,8 +46,6 @@ class ContextTower(nn.Module):
     def of(cls, backbone: nn.Module) -> ContextTower:
         """The context tower of a plain HF causal LM (frozen in place), e.g. to decode it
         with ``generate.ar_generate``."""
-        from .adapters import adapter_for
-
         return cls(backbone, adapter_for(backbone))
 
     @property
