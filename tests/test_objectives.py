@@ -36,21 +36,33 @@ def run(obj, seed: int = 1, **kwargs) -> dict[str, torch.Tensor]:
     return obj(batch(), **kwargs)
 
 
+def spy_passes(model) -> dict:
+    """Record the context tower's logits and each denoiser pass's (noisy ids, logits, t)."""
+    seen: dict = {"passes": []}
+    context_forward, denoise = model.context_forward, model.denoise
+
+    def ctx_spy(clean, **kw):
+        out = context_forward(clean, **kw)
+        seen["context"] = out.logits
+        return out
+
+    def den_spy(noisy, ctx_out, t=None, **kw):
+        logits = denoise(noisy, ctx_out, t=t, **kw)
+        seen["passes"].append((noisy, logits, t))
+        return logits
+
+    model.context_forward, model.denoise = ctx_spy, den_spy
+    return seen
+
+
 def test_teacher_is_the_shifted_context_logits() -> None:
     """KD = mean over masked positions p >= 1 of KL(softmax(context[p - 1]) || softmax(student[p]))."""
     obj = objective("distill=kd", "distill.weight=1.0")
-    seen = {}
-    forward_train = obj.model.forward_train
-
-    def spy(clean, noisy, **kw):
-        seen["noisy"] = noisy
-        seen["out"] = forward_train(clean, noisy, **kw)
-        return seen["out"]
-
-    obj.model.forward_train = spy
+    seen = spy_passes(obj.model)
     with torch.no_grad():
         out = run(obj)
-    student, context = seen["out"]
+    (noisy, student, _), context = seen["passes"][0], seen["context"]
+    seen["noisy"] = noisy
     masked = seen["noisy"] == obj.mask_id
     masked[:, 0] = False  # position 0 has no teacher
     b, p = masked.nonzero(as_tuple=True)
@@ -114,17 +126,10 @@ def test_time_conditioning_reads_the_mask_rate() -> None:
         lo = model(ids, noisy, t=torch.full((2,), 0.1))
         hi = model(ids, noisy, t=torch.full((2,), 0.9))
     assert (lo - hi).abs().max() > 1e-3
-    seen = {}
-    forward_train = model.forward_train
-
-    def spy(clean, noisy, t=None, **kw):
-        seen["rate"], seen["noisy"] = t, noisy
-        return forward_train(clean, noisy, t=t, **kw)
-
-    model.forward_train = spy
+    seen = spy_passes(model)
     with torch.no_grad():
         run(obj, seed=3)
-    rate = seen["rate"]  # [B, nb]: each block's mask probability under the cosine schedule
+    seen["noisy"], _, rate = seen["passes"][0]  # [B, nb]: each block's mask probability under the cosine schedule
     frac = (seen["noisy"] == obj.mask_id).float().view(2, -1, 8).mean(-1)
     assert rate.shape == frac.shape and ((rate - frac).abs() < 0.5).all()
     assert not torch.equal(rate, torch.zeros_like(rate))

@@ -218,6 +218,12 @@ class DiffusionConfig:
     weighting: CEWeighting = CEWeighting.none
     # With document masking (data.doc_mask): positions after an in-block EOS.
     after_eos: AfterEOS = AfterEOS.ignore
+    # Share of blocks masked as a suffix (the last k maskable positions, k drawn as usual):
+    # the pattern left-to-right ("prefix") decoding shows the denoiser. 0 = independent.
+    suffix_prob: float = 0.0
+    # A second denoiser pass on the complement of each block's mask (the context tower's
+    # pass is shared): every maskable token is supervised once per step.
+    complementary: bool = False
 
 
 @dataclass
@@ -287,6 +293,11 @@ class LoggerConfig:
     mode: WandbMode = WandbMode.offline
 
 
+class CommitScore(str, Enum):
+    confidence = "confidence"
+    margin = "margin"
+
+
 @dataclass
 class EvalConfig:
     """Retained-performance evaluation (twotower_train/eval/harness.py, docs/evaluation.md)."""
@@ -304,6 +315,11 @@ class EvalConfig:
     )
     max_examples_per_task: int = 200  # also the number of perplexity rows
     threshold: float = 0.8  # main confidence threshold of diffusion decoding
+    # What the threshold reads (generate.DecodeConfig): the chosen token's probability, or
+    # its margin over the runner-up.
+    score: CommitScore = CommitScore.confidence
+    # Adjacent masked positions commit together only if both scores reach this (null = off).
+    adjacent_threshold: float | None = None
     steps_per_block: int | None = None  # null = block size
     max_new_tokens: int = 24
     threshold_sweep: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95])
@@ -452,6 +468,15 @@ def check(cfg: Config) -> None:
     if len(lo_hi) != 2 or not 0.0 <= lo_hi[0] < lo_hi[1] <= 1.0:
         raise ConfigError(
             f"diffusion.mask_range must be [lo, hi] with 0 <= lo < hi <= 1, got {lo_hi}"
+        )
+    if not 0.0 <= cfg.diffusion.suffix_prob <= 1.0:
+        raise ConfigError(
+            f"diffusion.suffix_prob must be in [0, 1], got {cfg.diffusion.suffix_prob}"
+        )
+    if cfg.diffusion.complementary and cfg.diffusion.weighting == CEWeighting.elbo:
+        raise ConfigError(
+            "diffusion.complementary=true needs diffusion.weighting=none (the complement's "
+            "noise level has no time of its own for the ELBO weight)"
         )
     if not 0.0 < cfg.diffusion.eps < 1.0:
         raise ConfigError(f"diffusion.eps must be in (0, 1), got {cfg.diffusion.eps}")

@@ -38,6 +38,10 @@ import torch
 from twotower_train.model import ContextCache, ContextTower, TwoTowerModel
 
 
+SCORES = ("confidence", "margin")
+ORDERS = ("any", "prefix")
+
+
 @dataclass
 class DecodeConfig:
     """Decoding knobs; the block size is the model's (``model.block_size``).
@@ -58,6 +62,16 @@ class DecodeConfig:
     batch_size: int = 64  # most rows per forward
     # Lossless: the context tower verifies every drafted block (greedy; output == AR greedy).
     verify: bool = False
+    # What the threshold reads: "confidence" (probability of the chosen token) or "margin"
+    # (its probability minus the runner-up's: low where two tokens compete).
+    score: str = "confidence"
+    # Dependence between positions: two ADJACENT masked positions commit in the same step
+    # only if both scores reach this (None = no rule). Neighbours that are each likely alone
+    # are often wrong together (" a a" for " a z"); the minimum per step still applies.
+    adjacent_threshold: float | None = None
+    # "any": commit wherever the score allows; "prefix": only the leftmost masked positions,
+    # a contiguous run (left-to-right, as the backbone reads; the per-step minimum too).
+    order: str = "any"
 
     def validate(self) -> None:
         if self.steps_per_block is not None and self.steps_per_block < 1:
@@ -72,6 +86,12 @@ class DecodeConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
+        if self.adjacent_threshold is not None and not 0.0 <= self.adjacent_threshold:
+            raise ValueError(f"adjacent_threshold must be >= 0, got {self.adjacent_threshold}")
         if self.verify and self.temperature > 0:
             raise ValueError(
                 "verify=True is greedy (its output is the backbone's greedy decoding); "
@@ -188,6 +208,18 @@ def choose_tokens(
     return ids, probs.gather(-1, ids[..., None])[..., 0]
 
 
+def commit_scores(logits: torch.Tensor, ids: torch.Tensor, conf: torch.Tensor, score: str):
+    """What the commit threshold compares, per position ``[...]``: ``confidence`` = ``conf``
+    (the chosen token's probability), ``margin`` = that minus the best other token's."""
+    if score == "confidence":
+        return conf
+    if score == "margin":
+        probs = logits.float().softmax(-1)
+        other = probs.scatter(-1, ids[..., None], 0.0).amax(-1)
+        return conf - other
+    raise ValueError(f"unknown score {score!r}; expected one of {SCORES}")
+
+
 def confidence_unmask_step(
     block: torch.Tensor,
     ids: torch.Tensor,
@@ -198,14 +230,21 @@ def confidence_unmask_step(
     steps_left: int,
     width: int | None = None,
     active: torch.Tensor | None = None,
+    adjacent_threshold: float | None = None,
+    order: str = "any",
 ) -> torch.Tensor:
     """Commit tokens into ``block [B, bs]`` (``mask_id`` = still masked); returns the new block.
 
-    ``ids, conf [B, bs]``: proposed tokens and their confidence. Only positions ``< width``
-    are decoded (the token budget may end inside a block) and only ``active [B]`` rows.
-    Each row commits every masked position with ``conf >= threshold`` and at least its
-    ``ceil(remaining / steps_left)`` most confident ones (ties: the leftmost), so the block
-    is complete after ``steps_left`` more steps whatever the threshold.
+    ``ids, conf [B, bs]``: proposed tokens and their score (``commit_scores``). Only
+    positions ``< width`` are decoded (the token budget may end inside a block) and only
+    ``active [B]`` rows. Each row commits every masked position with ``conf >= threshold``
+    and at least its ``ceil(remaining / steps_left)`` most confident ones (ties: the
+    leftmost), so the block is complete after ``steps_left`` more steps whatever the
+    threshold. With ``adjacent_threshold``, scanning left to right, a position over the
+    threshold whose left neighbour is also committed in this step is dropped unless both
+    reach ``adjacent_threshold`` (the per-step minimum is then made up by rank). With
+    ``order="prefix"`` only a contiguous run from the first masked position commits, and the
+    minimum is made up from the left.
     """
     batch, bs = block.shape
     width = bs if width is None else width
@@ -216,11 +255,29 @@ def confidence_unmask_step(
     remaining = masked.sum(1)  # [B]
     n_min = (remaining + steps_left - 1) // steps_left  # ceil, [B]
     score = conf.float().masked_fill(~masked, -torch.inf)
-    order = score.argsort(dim=1, descending=True, stable=True)
+    commit = masked & (score >= threshold)
+    if adjacent_threshold is not None:
+        sure = score >= adjacent_threshold
+        cols = list(commit.unbind(1))
+        for i in range(1, bs):
+            together = cols[i] & cols[i - 1] & masked[:, i - 1]
+            cols[i] = cols[i] & ~(together & ~(sure[:, i] & sure[:, i - 1]))
+        commit = torch.stack(cols, 1)
+    if order == "prefix":
+        # a position commits only if every masked position before it commits too
+        blocked = (masked & ~commit).long().cumsum(1) > 0
+        commit = commit & ~blocked
+    # make up the per-step minimum with the best-ranked positions not yet committed
+    short = (n_min - commit.sum(1)).clamp(min=0)  # [B]
+    rest = score.masked_fill(commit, -torch.inf)
+    if order == "prefix":  # rank = left to right
+        pos = torch.arange(bs, device=block.device, dtype=rest.dtype).expand(batch, bs)
+        rest = torch.where(masked & ~commit, -pos, torch.full_like(rest, -torch.inf))
+    order = rest.argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(
         1, order, torch.arange(bs, device=block.device).expand(batch, bs)
     )
-    commit = masked & ((score >= threshold) | (rank < n_min[:, None]))
+    commit = commit | (masked & (rank < short[:, None]))
     return torch.where(commit, ids, block)
 
 
@@ -378,12 +435,14 @@ def _draft_block(
         block = confidence_unmask_step(
             block,
             ids,
-            conf,
+            commit_scores(logits, ids, conf, cfg.score),
             mask_id=mask_id,
             threshold=cfg.threshold,
             steps_left=steps - step,
             width=width,
             active=active,
+            adjacent_threshold=cfg.adjacent_threshold,
+            order=cfg.order,
         )
         open_rows = (block[:, :width] == mask_id).any(1)
         active = open_rows & ~_finished_in_block(block, mask_id, stop_id)

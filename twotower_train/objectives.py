@@ -58,6 +58,10 @@ class CausalLMObjective(nn.Module):
             logger.log(step, out)
         return out
 
+    def validate(self, model: nn.Module, tokenizer, cfg: EvalConfig) -> dict[str, float]:
+        """Held-out metrics beyond the validation loss (none for a backbone)."""
+        return {}
+
     def export(self, model: nn.Module, tokenizer, out_dir: Path, dtype=None) -> Path:
         """The trained backbone as a Hugging Face folder (safetensors + tokenizer)."""
         if dtype is not None:
@@ -73,6 +77,17 @@ class CausalLMObjective(nn.Module):
         targets = ids[:, 1:].masked_fill(~batch["loss_mask"][:, 1:], -100)
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten())
         return {"loss": loss}
+
+
+VALIDATE_EXAMPLES = 64  # per generation task, for TwoTowerObjective.validate
+
+
+def _token_mean(values: list[torch.Tensor], counts: list[torch.Tensor]) -> torch.Tensor:
+    """One pass's loss as it is; several passes' per-token means merged by their counts."""
+    if len(values) == 1:
+        return values[0]
+    total = sum(counts)
+    return sum(v * n for v, n in zip(values, counts)) / total.clamp(min=1)
 
 
 class TwoTowerObjective(nn.Module):
@@ -133,51 +148,84 @@ class TwoTowerObjective(nn.Module):
             schedule=d.schedule.value,
             mask_range=tuple(d.mask_range),
             loss_mask=maskable,
+            suffix_prob=d.suffix_prob,
         )
-        masked = masked & scored
         # A time-conditioned denoiser reads each block's mask rate m(t), not t: decoding
         # knows the masked fraction of a block, whatever schedule trained the model.
         rate = None
         if self.time_conditioning:
             rate = mask_prob(t, d.schedule.value).clamp(*d.mask_range)
-        logits, context_logits = self.model.forward_train(clean, noisy, t=rate, doc_ids=doc_ids)
+        passes = [(noisy, masked & scored, rate)]
+        if d.complementary:  # the other half of every block, same context pass
+            comp = maskable & ~masked
+            noisy_c = torch.where(comp, torch.full_like(ids, self.mask_id), ids)
+            passes.append((noisy_c, comp & scored, None if rate is None else 1.0 - rate))
+        ctx_out = self.model.context_forward(clean, doc_ids=doc_ids)
         t_tok = expand_blocks(t, self.block_size)
-        ce = diffusion_ce(
-            logits,
-            ids,
-            masked,
-            t_tok=t_tok,
-            weighting=d.weighting.value,
-            schedule=d.schedule.value,
-            num_loss_tokens=scored.sum(),
-        )
+        teacher = valid = None
+        if self.distill.weight > 0:
+            teacher, valid = shift_teacher_logits(ctx_out.logits)
+            valid = valid & in_block_doc  # the teacher reads the real next document
+        ces, kds, n_ce, n_kd = [], [], [], []
+        correct = plain_sum = torch.zeros((), device=ids.device)
+        for noisy_p, masked_p, rate_p in passes:
+            logits = self.model.denoise(noisy_p, ctx_out, t=rate_p, doc_ids=doc_ids)
+            ces.append(
+                diffusion_ce(
+                    logits,
+                    ids,
+                    masked_p,
+                    t_tok=t_tok,
+                    weighting=d.weighting.value,
+                    schedule=d.schedule.value,
+                    num_loss_tokens=scored.sum(),
+                )
+            )
+            n_ce.append(masked_p.sum())
+            if teacher is not None:
+                kd_mask = masked_p & valid
+                kds.append(
+                    distillation_kl(
+                        logits,
+                        teacher,
+                        kd_mask,
+                        temperature=self.distill.temperature,
+                        direction=self.distill.direction.value,
+                        t_tok=t_tok,
+                        t_weighting=self.distill.t_weighting.value,
+                    )
+                )
+                n_kd.append(kd_mask.sum())
+            with torch.no_grad():
+                correct = correct + ((logits.argmax(-1) == ids) & masked_p).sum()
+                # plain mean CE over masked tokens, whatever the training weighting
+                plain = ces[-1] if d.weighting.value == "none" else diffusion_ce(logits, ids, masked_p)
+                plain_sum = plain_sum + plain.detach() * n_ce[-1]
+        ce = _token_mean(ces, n_ce)
         out = {"ce": ce.detach()}
         loss = ce
-        if self.distill.weight > 0:
-            teacher, valid = shift_teacher_logits(context_logits)
-            kd = distillation_kl(
-                logits,
-                teacher,
-                masked & valid & in_block_doc,  # the teacher reads the real next document
-                temperature=self.distill.temperature,
-                direction=self.distill.direction.value,
-                t_tok=t_tok,
-                t_weighting=self.distill.t_weighting.value,
-            )
+        if teacher is not None:
+            kd = _token_mean(kds, n_kd)
             loss = ce + self.distill.weight * kd
             out["kd"] = kd.detach()
-        with torch.no_grad():
-            n_masked = masked.sum().clamp(min=1)
-            correct = (logits.argmax(-1) == ids) & masked
-            out["masked_acc"] = correct.sum().float() / n_masked
-            # Plain mean CE over masked tokens, whatever the training weighting.
-            out["masked_ce"] = (
-                diffusion_ce(logits, ids, masked, weighting="none").detach()
-                if d.weighting.value != "none"
-                else ce.detach()
-            )
+        n_masked = sum(n_ce).clamp(min=1)
+        out["masked_acc"] = correct.float() / n_masked
+        out["masked_ce"] = plain_sum / n_masked
         out["loss"] = loss
         return out
+
+    def validate(self, model: nn.Module, tokenizer, cfg: EvalConfig) -> dict[str, float]:
+        """The decode-mirroring validation metrics (``harness.answer_block_metrics``) on the
+        first ``VALIDATE_EXAMPLES`` held-out examples of each generation task of ``cfg``:
+        ``val_answer_ce``, ``val_answer_acc``, ``val_answer_exact``."""
+        from twotower_train.eval import tasks
+        from twotower_train.eval.harness import answer_block_metrics
+
+        gen = tasks.of_kind(cfg.tasks, tasks.GenerationTask)
+        limit = min(cfg.max_examples_per_task, VALIDATE_EXAMPLES)
+        examples = tasks.generation_examples(gen, limit)
+        metrics = answer_block_metrics(model, tokenizer, examples, cfg.batch_size)
+        return {f"val_{k}": v for k, v in metrics.items()}
 
     def evaluate(
         self, model: nn.Module, tokenizer, cfg: EvalConfig, out_dir: Path, logger=None, step=None

@@ -339,6 +339,10 @@ def _evaluate(run: Run, last: bool) -> None:
         if not last:
             out = out / f"step_{run.step:08d}"
         model.to(run.device)
+        answers = run.objective.validate(model, run.tokenizer, cfg.eval)
+        if answers:
+            run.logger.log(run.step, answers)
+            run.final.update(answers)
         run.final.update(
             run.objective.evaluate(model, run.tokenizer, cfg.eval, out, run.logger, run.step)
         )

@@ -28,6 +28,7 @@ def mask_tokens(
     mask_range: tuple[float, float] = (0.0, 1.0),
     loss_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    suffix_prob: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mask each token independently with its block's probability.
 
@@ -44,9 +45,16 @@ def mask_tokens(
         p_mask [B, L] fp32: the probability each position had of being masked
             (the clamped block probability; 0 where loss_mask is False).
 
+    ``suffix_prob``: the share of blocks whose masked positions are moved to the block's
+    end: such a block masks its last k maskable positions, k being the count the independent
+    draw gave it (so the number masked per block has the same distribution). Left-to-right
+    ("prefix") decoding only ever shows the denoiser blocks masked that way.
+
     Deterministic given the generator: the uniforms are drawn on the generator's device
     (CPU when there is none) and then moved to ids.device.
     """
+    if not 0.0 <= suffix_prob <= 1.0:
+        raise ValueError(f"suffix_prob must be in [0, 1], got {suffix_prob}")
     batch, length = ids.shape
     if length % block_size != 0:
         raise ValueError(f"sequence length {length} is not a multiple of block_size {block_size}")
@@ -64,8 +72,31 @@ def mask_tokens(
     u = torch.rand(batch, length, generator=generator, device=gen_device).to(ids.device)
     # u in [0, 1), so p = 0 never masks and p = 1 always masks.
     masked = u < p_mask
+    if suffix_prob > 0:
+        masked = _suffix_blocks(masked, p_mask > 0, block_size, suffix_prob, generator)
     noisy_ids = torch.where(masked, torch.full_like(ids, mask_id), ids)
     return noisy_ids, masked, p_mask
+
+
+def _suffix_blocks(
+    masked: torch.Tensor,
+    maskable: torch.Tensor,
+    block_size: int,
+    share: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """``masked [B, L]`` with a ``share`` of its blocks re-masked as a suffix: the last k
+    maskable positions of the block, k = how many the block had masked."""
+    batch, length = masked.shape
+    nb = length // block_size
+    m = masked.view(batch, nb, block_size)
+    ok = maskable.view(batch, nb, block_size)
+    k = m.sum(-1, keepdim=True)
+    from_right = ok.flip(-1).long().cumsum(-1).flip(-1)  # maskable positions at or after i
+    suffix = ok & (from_right <= k)
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    pick = torch.rand(batch, nb, 1, generator=generator, device=gen_device).to(masked.device)
+    return torch.where(pick < share, suffix, m).view(batch, length)
 
 
 AfterEOSMode = Literal["ignore", "eos", "keep"]

@@ -69,7 +69,62 @@ def _decode_cfg(
         max_new_tokens=cfg.max_new_tokens,
         batch_size=batch_size,
         verify=verify,
+        score=cfg.score.value,
+        adjacent_threshold=cfg.adjacent_threshold,
     )
+
+
+@torch.no_grad()
+def answer_block_metrics(
+    model: TwoTowerModel, tokenizer, examples: list[dict], batch_size: int = 32
+) -> dict[str, float]:
+    """How the denoiser does on the step decoding starts from: the prompt clean in the
+    context tower's cache, the answer (+ EOS) opening a fully masked block. One denoiser
+    forward per example; over the answer's first ``block_size`` positions:
+
+    ``answer_ce`` (mean CE per position), ``answer_acc`` (argmax accuracy per position) and
+    ``answer_exact`` (share of examples whose whole answer is the argmax at once).
+    Training packs documents anywhere, so a prompt and its answer usually share a noisy
+    block; this metric shows what decoding sees instead (docs/evaluation.md)."""
+    was_training = model.training
+    model.eval()
+    bs, mask_id = model.block_size, model.mask_token_id
+    device = next(model.parameters()).device
+    pairs = []
+    for ex in examples:
+        prompt, answer = tasks.split_continuation(tokenizer, ex["prompt"], ex["answer"])
+        pairs.append((prompt, (answer + [tokenizer.eos_token_id])[:bs]))
+    ce_sum, hits, n_pos, exact = 0.0, 0, 0, 0
+    groups: dict[int, list[int]] = {}
+    for i, (prompt, _) in enumerate(pairs):
+        groups.setdefault(len(prompt), []).append(i)
+    for idx_all in groups.values():
+        for s in range(0, len(idx_all), batch_size):
+            idx = idx_all[s : s + batch_size]
+            cache, _ = model.context_extend(
+                None, torch.tensor([pairs[i][0] for i in idx], device=device)
+            )
+            block = torch.full((len(idx), bs), mask_id, dtype=torch.long, device=device)
+            t = torch.ones(len(idx), device=device) if model.config.time_conditioning else None
+            logits = model.denoise_block(cache, block, t=t).float()
+            logits[..., mask_id] = -torch.inf
+            logp = logits.log_softmax(-1)
+            for row, i in enumerate(idx):
+                target = torch.tensor(pairs[i][1], device=device)
+                k = len(target)
+                ce_sum -= float(logp[row, :k].gather(-1, target[:, None]).sum())
+                right = logp[row, :k].argmax(-1) == target
+                hits += int(right.sum())
+                n_pos += k
+                exact += int(right.all())
+    model.train(was_training)
+    if not pairs:
+        return {}
+    return {
+        "answer_ce": ce_sum / n_pos,
+        "answer_acc": hits / n_pos,
+        "answer_exact": exact / len(pairs),
+    }
 
 
 def _generation(model, tokenizer, cfg: EvalConfig, gen_tasks: list[tasks.GenerationTask]):
