@@ -346,3 +346,34 @@ def test_after_eos_targets():
         after_eos_targets(ids, in_doc, loss_mask, mode="eos")
     with pytest.raises(ValueError, match="unknown after_eos"):
         after_eos_targets(ids, in_doc, loss_mask, mode="drop")
+
+
+def test_mask_tokens_suffix_blocks_move_the_same_count_to_the_end() -> None:
+    """suffix_prob=1: every block masks its last k maskable positions, k = the count the
+    independent draw gave it (same generator state); loss_mask False is never masked."""
+    b, nb, bs = 3, 5, 8
+    ids = torch.arange(b * nb * bs).view(b, nb * bs) + 10
+    loss_mask = torch.rand(b, nb * bs, generator=torch.Generator().manual_seed(3)) > 0.2
+    t = torch.rand(b, nb, generator=torch.Generator().manual_seed(4))
+    kw = dict(block_size=bs, mask_id=0, schedule="linear", loss_mask=loss_mask)
+    _, iid, _ = mask_tokens(ids, t, generator=torch.Generator().manual_seed(5), **kw)
+    noisy, suf, _ = mask_tokens(
+        ids, t, generator=torch.Generator().manual_seed(5), suffix_prob=1.0, **kw
+    )
+    assert torch.equal(noisy == 0, suf) and not (suf & ~loss_mask).any()
+    for r in range(b):
+        for n in range(nb):
+            sl = slice(n * bs, (n + 1) * bs)
+            k = int(iid[r, sl].sum())
+            ok = [p for p in range(bs) if loss_mask[r, sl][p]]
+            want = set(ok[len(ok) - k :]) if k else set()
+            assert {p for p in range(bs) if suf[r, sl][p]} == want
+    # suffix_prob=0 is the independent draw, bit for bit; a share picks whole blocks
+    _, zero, _ = mask_tokens(ids, t, generator=torch.Generator().manual_seed(5), suffix_prob=0.0, **kw)
+    assert torch.equal(zero, iid)
+    _, half, _ = mask_tokens(ids, t, generator=torch.Generator().manual_seed(5), suffix_prob=0.5, **kw)
+    per_block = lambda m: m.view(b, nb, bs)  # noqa: E731
+    same = (per_block(half) == per_block(iid)).all(-1) | (per_block(half) == per_block(suf)).all(-1)
+    assert same.all()
+    with pytest.raises(ValueError, match="suffix_prob"):
+        mask_tokens(ids, t, suffix_prob=1.5, **kw)

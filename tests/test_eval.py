@@ -273,3 +273,34 @@ def test_lm_eval_adapter_offline(model, hf_backbone, tokenizer, monkeypatch):
             [Instance("generate_until", {}, ("add 1 2 =", {"until": [" "], "max_gen_toks": 5}), 0)]
         )
         assert len(gen) == 1 and " " not in gen[0]
+
+
+def test_answer_block_metrics_against_the_training_forward(model, tokenizer):
+    """The decode-mirroring metric (prompt clean, answer opening a fully masked block) equals
+    a direct computation through the one-pass TRAINING forward on the row prompt + block."""
+    from twotower_train.eval.harness import answer_block_metrics
+
+    by_len: dict[int, list] = {}
+    for ex in load_test_tasks():
+        k = len(tasks.split_continuation(tokenizer, ex["prompt"], ex["answer"])[0])
+        if k % BS == 0 and len(by_len.setdefault(k, [])) < 3:
+            by_len[k].append(ex)
+    examples = [ex for group in by_len.values() for ex in group]
+    assert len(by_len) > 1 and len(examples) > 3  # several length groups
+    got = answer_block_metrics(model, tokenizer, examples, batch_size=4)
+    ce, hits, n, exact = 0.0, 0, 0, 0
+    with torch.no_grad():
+        for ex in examples:
+            prompt, answer = tasks.split_continuation(tokenizer, ex["prompt"], ex["answer"])
+            target = (answer + [tokenizer.eos_token_id])[:BS]
+            clean = torch.tensor([prompt + target + [0] * (BS - len(target))])
+            noisy = torch.tensor([prompt + [MASK] * BS])
+            logits = model(clean, noisy)[0, len(prompt) : len(prompt) + len(target)].float()
+            logits[:, MASK] = -torch.inf
+            logp = logits.log_softmax(-1)
+            ce -= float(logp[range(len(target)), target].sum())
+            right = logp.argmax(-1) == torch.tensor(target)
+            hits, n, exact = hits + int(right.sum()), n + len(target), exact + int(right.all())
+    assert got["answer_ce"] == pytest.approx(ce / n, rel=1e-4)
+    assert got["answer_acc"] == hits / n and got["answer_exact"] == exact / len(examples)
+    assert answer_block_metrics(model, tokenizer, examples, batch_size=1) == pytest.approx(got)

@@ -11,6 +11,7 @@ from twotower_train.generate import (
     GenerationStats,
     ar_generate,
     choose_tokens,
+    commit_scores,
     confidence_unmask_step,
     diffusion_generate,
     filter_logits,
@@ -40,6 +41,55 @@ def build(family, **kwargs):
 
 
 # -- pure step math ---------------------------------------------------------------------------
+
+
+def test_adjacent_rule_keeps_neighbours_apart_unless_both_are_sure():
+    block = torch.full((1, 6), MASK)
+    ids = torch.tensor([[10, 11, 12, 13, 14, 15]])
+    conf = torch.tensor([[0.99, 0.9, 0.85, 0.99, 0.98, 0.2]])
+    kw = dict(mask_id=MASK, threshold=0.8, steps_left=6)
+    assert confidence_unmask_step(block, ids, conf, **kw).tolist() == [[10, 11, 12, 13, 14, MASK]]
+    out = confidence_unmask_step(block, ids, conf, adjacent_threshold=0.95, **kw)
+    # 0 commits; 1 (0.9) is next to 0 -> dropped; 2 (0.85) has no committed left neighbour;
+    # 3 (0.99) is next to 2 (0.85 < 0.95) -> dropped; 4 next to 3 (dropped) -> commits
+    assert out.tolist() == [[10, MASK, 12, MASK, 14, MASK]]
+    # a neighbour committed in an EARLIER step does not count
+    done = torch.tensor([[10, MASK, MASK, MASK, MASK, MASK]])
+    out = confidence_unmask_step(done, ids, conf, adjacent_threshold=0.95, **kw)
+    assert out.tolist() == [[10, 11, MASK, 13, 14, MASK]]
+    # the per-step minimum (3 per step with 2 steps left) is made up by rank, whatever the rule
+    low = torch.tensor([[0.99, 0.98, 0.1, 0.2, 0.3, 0.4]])
+    out = confidence_unmask_step(
+        block, ids, low, mask_id=MASK, threshold=0.9, steps_left=2, adjacent_threshold=0.995
+    )
+    assert out.tolist() == [[10, 11, MASK, MASK, MASK, 15]]
+
+
+def test_prefix_order_commits_a_contiguous_run_from_the_left():
+    block = torch.tensor([[5, MASK, MASK, MASK, MASK, MASK]])
+    ids = torch.tensor([[5, 11, 12, 13, 14, 15]])
+    conf = torch.tensor([[1.0, 0.9, 0.95, 0.3, 0.99, 0.99]])
+    kw = dict(mask_id=MASK, steps_left=5, order="prefix")
+    out = confidence_unmask_step(block, ids, conf, threshold=0.8, **kw)
+    assert out.tolist() == [[5, 11, 12, MASK, MASK, MASK]]  # stops at the unsure position 3
+    # nothing confident: the minimum comes from the left, not by confidence
+    out = confidence_unmask_step(block, ids, conf, threshold=2.0, **kw)
+    assert out.tolist() == [[5, 11, MASK, MASK, MASK, MASK]]
+    out = confidence_unmask_step(block, ids, conf, threshold=2.0, mask_id=MASK, steps_left=2, order="prefix")
+    assert out.tolist() == [[5, 11, 12, 13, MASK, MASK]]
+
+
+def test_margin_score_is_the_gap_to_the_runner_up():
+    logits = torch.log(torch.tensor([[[0.5, 0.3, 0.2], [0.9, 0.05, 0.05]]]))
+    ids, conf = choose_tokens(logits)
+    torch.testing.assert_close(commit_scores(logits, ids, conf, "confidence"), conf)
+    torch.testing.assert_close(
+        commit_scores(logits, ids, conf, "margin"), torch.tensor([[0.2, 0.85]])
+    )
+    with pytest.raises(ValueError, match="order"):
+        DecodeConfig(order="random").validate()
+    with pytest.raises(ValueError, match="score"):
+        DecodeConfig(score="entropy").validate()
 
 
 def test_unmask_step_commits_threshold_and_minimum():
@@ -121,10 +171,17 @@ def test_low_threshold_decodes_in_fewer_forwards():
     assert stats.wall_s > 0 and stats.tokens_per_s > 0
 
 
+RULES = {
+    "confidence": {},
+    "prefix+adjacent+margin": {"order": "prefix", "adjacent_threshold": 0.5, "score": "margin"},
+}
+
+
+@pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("family", ["llama", "nemotron_h"])
-def test_batched_equals_unbatched(family):
+def test_batched_equals_unbatched(family, rule):
     model = build(family)
-    cfg = DecodeConfig(threshold=0.3, max_new_tokens=9, stop_at_eos=False)
+    cfg = DecodeConfig(threshold=0.3, max_new_tokens=9, stop_at_eos=False, **RULES[rule])
     batched, stats = diffusion_generate(model, PROMPTS, cfg, eos_id=None)
     single = [diffusion_generate(model, [p], cfg, eos_id=None)[0][0] for p in PROMPTS]
     assert batched == single
@@ -138,7 +195,8 @@ def test_batched_equals_unbatched(family):
         stop = DecodeConfig(**{**vars(cfg), "stop_at_eos": True})
         cut, _ = gen(model, PROMPTS, stop, eos_id=eos)
         assert cut == [gen(model, [p], stop, eos_id=eos)[0][0] for p in PROMPTS]
-        assert len(cut[0]) <= 3 and any(len(c) == 9 for c in cut)
+        assert len(cut[0]) <= 3
+        assert rule != "confidence" or any(len(c) == 9 for c in cut)  # some rows go on
 
 
 def test_stops_at_eos():
@@ -264,9 +322,9 @@ def test_verified_decoding_is_ar_greedy(family):
     ar, _ = ar_generate(
         model, PROMPTS, DecodeConfig(max_new_tokens=budget, stop_at_eos=False), None
     )
-    for threshold in (0.0, 0.8, 2.0):
+    for threshold, rule in ((0.0, {}), (0.8, {}), (2.0, {}), (0.5, RULES["prefix+adjacent+margin"])):
         cfg = DecodeConfig(
-            threshold=threshold, max_new_tokens=budget, stop_at_eos=False, verify=True
+            threshold=threshold, max_new_tokens=budget, stop_at_eos=False, verify=True, **rule
         )
         got, stats = diffusion_generate(model, PROMPTS, cfg, eos_id=None)
         assert got == ar

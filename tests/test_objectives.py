@@ -133,3 +133,51 @@ def test_time_conditioning_reads_the_mask_rate() -> None:
     frac = (seen["noisy"] == obj.mask_id).float().view(2, -1, 8).mean(-1)
     assert rate.shape == frac.shape and ((rate - frac).abs() < 0.5).all()
     assert not torch.equal(rate, torch.zeros_like(rate))
+
+
+def test_complementary_pass_supervises_the_other_half() -> None:
+    """diffusion.complementary: a second denoiser pass whose masked set is exactly the
+    complement of the first (over maskable positions), reading rate 1 - m(t); the CE is the
+    per-token mean over both passes' masked positions, each against a direct computation."""
+    obj = objective("diffusion.complementary=true", "denoiser.time_conditioning=true")
+    seen = spy_passes(obj.model)
+    with torch.no_grad():
+        out = run(obj, seed=5)
+    (n1, l1, r1), (n2, l2, r2) = seen["passes"]
+    m1, m2 = n1 == obj.mask_id, n2 == obj.mask_id
+    assert torch.equal(m1, ~m2)  # every position masked in exactly one pass
+    torch.testing.assert_close(r2, 1.0 - r1)
+    ids = batch()["input_ids"]
+    ce = torch.cat(
+        [
+            F.cross_entropy(l1[m1], ids[m1], reduction="none"),
+            F.cross_entropy(l2[m2], ids[m2], reduction="none"),
+        ]
+    )
+    assert float(out["ce"]) == pytest.approx(float(ce.mean()), rel=1e-5)
+    assert float(out["masked_ce"]) == pytest.approx(float(ce.mean()), rel=1e-5)
+    # one pass when off; the first pass draws the same masks either way
+    plain = objective("denoiser.time_conditioning=true")
+    seen_plain = spy_passes(plain.model)
+    with torch.no_grad():
+        run(plain, seed=5)
+    assert len(seen_plain["passes"]) == 1 and torch.equal(seen_plain["passes"][0][0], n1)
+
+
+def test_suffix_masking_reaches_the_denoiser() -> None:
+    obj = objective("diffusion.suffix_prob=1.0")
+    seen = spy_passes(obj.model)
+    with torch.no_grad():
+        run(obj, seed=2)
+    masked = (seen["passes"][0][0] == obj.mask_id).view(2, -1, 8).long()
+    # each block: masked positions form a suffix (never a clean token after a masked one)
+    assert (masked[..., 1:] >= masked[..., :-1]).all() and masked.any()
+
+
+def test_complementary_with_elbo_weighting_is_refused() -> None:
+    from twotower_train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="complementary"):
+        compose([*TT, "diffusion.complementary=true", "diffusion.weighting=elbo"])
+    with pytest.raises(ConfigError, match="suffix_prob"):
+        compose([*TT, "diffusion.suffix_prob=2"])
