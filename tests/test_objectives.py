@@ -181,3 +181,31 @@ def test_complementary_with_elbo_weighting_is_refused() -> None:
         compose([*TT, "diffusion.complementary=true", "diffusion.weighting=elbo"])
     with pytest.raises(ConfigError, match="suffix_prob"):
         compose([*TT, "diffusion.suffix_prob=2"])
+
+
+def test_block_curriculum_trains_the_early_steps_at_the_small_size() -> None:
+    """diffusion.block_curriculum=[4, 8]: the first half of the steps is exactly the block-4
+    objective (same weights, same draws), the second half the model's own block 8; the model
+    keeps its block size between steps."""
+    obj = objective("diffusion.block_curriculum=[4,8]")
+    small = objective("denoiser.block_size=4")
+    assert [obj.training_block_size() for obj.progress in (0.0, 0.49, 0.5, 1.0)] == [4, 4, 8, 8]
+    plain = objective()
+    with torch.no_grad():
+        obj.progress = 0.2
+        early = run(obj, seed=4)
+        assert obj.model.config.block_size == 8
+        obj.progress = 0.7
+        late = run(obj, seed=4)
+        assert float(early["loss"]) == pytest.approx(float(run(small, seed=4)["loss"]), rel=1e-6)
+        assert float(late["loss"]) == pytest.approx(float(run(plain, seed=4)["loss"]), rel=1e-6)
+    assert float(early["loss"]) != pytest.approx(float(late["loss"]), rel=1e-3)
+
+
+def test_block_curriculum_must_end_at_the_model_block_size() -> None:
+    from twotower_train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="block_curriculum"):
+        compose([*TT, "diffusion.block_curriculum=[4,16]"])
+    with pytest.raises(ConfigError, match="block_curriculum"):
+        compose([*TT, "diffusion.block_curriculum=[3,8]"])  # 3 does not divide seq_len

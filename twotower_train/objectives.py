@@ -110,15 +110,35 @@ class TwoTowerObjective(nn.Module):
     ):
         super().__init__()
         self.model = model
-        self.block_size = model.config.block_size
         self.mask_id = model.config.mask_token_id
         self.time_conditioning = model.config.time_conditioning
         self.diffusion = diffusion
         self.distill = distill
         self.doc_mask = doc_mask  # use the batch's doc_ids (data.doc_mask)
         self.eos_id = eos_id
+        # Share of training done, in [0, 1]: the loop sets it before each step (it picks the
+        # block size of ``diffusion.block_curriculum``); 1.0 = the model's own block size.
+        self.progress = 1.0
+
+    def training_block_size(self) -> int:
+        """The block size of this step: the curriculum's entry for ``progress``."""
+        cur = self.diffusion.block_curriculum
+        if not cur:
+            return self.model.config.block_size
+        return cur[min(int(self.progress * len(cur)), len(cur) - 1)]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        bs = self.training_block_size()
+        if bs == self.model.config.block_size:
+            return self._forward(batch, bs)
+        full = self.model.config.block_size
+        self.model.config.block_size = bs  # masks, Mamba chunks and t per block follow it
+        try:
+            return self._forward(batch, bs)
+        finally:
+            self.model.config.block_size = full
+
+    def _forward(self, batch: dict[str, torch.Tensor], bs: int) -> dict[str, torch.Tensor]:
         clean, loss_mask = batch["input_ids"], batch["loss_mask"]
         b, length = clean.shape
         d = self.diffusion
@@ -128,13 +148,13 @@ class TwoTowerObjective(nn.Module):
         ids, maskable, scored = clean, loss_mask, loss_mask
         in_block_doc = torch.ones_like(loss_mask)
         if doc_ids is not None:
-            in_block_doc = doc_ids == block_document_ids(doc_ids, self.block_size)
+            in_block_doc = doc_ids == block_document_ids(doc_ids, bs)
             ids, maskable, scored = after_eos_targets(
                 clean, in_block_doc, loss_mask, mode=d.after_eos.value, eos_id=self.eos_id
             )
         t = sample_t(
             b,
-            length // self.block_size,
+            length // bs,
             per=d.t_per.value,
             eps=d.eps,
             antithetic=d.antithetic,
@@ -143,7 +163,7 @@ class TwoTowerObjective(nn.Module):
         noisy, masked, _ = mask_tokens(
             ids,
             t,
-            block_size=self.block_size,
+            block_size=bs,
             mask_id=self.mask_id,
             schedule=d.schedule.value,
             mask_range=tuple(d.mask_range),
@@ -161,7 +181,7 @@ class TwoTowerObjective(nn.Module):
             noisy_c = torch.where(comp, torch.full_like(ids, self.mask_id), ids)
             passes.append((noisy_c, comp & scored, None if rate is None else 1.0 - rate))
         ctx_out = self.model.context_forward(clean, doc_ids=doc_ids)
-        t_tok = expand_blocks(t, self.block_size)
+        t_tok = expand_blocks(t, bs)
         teacher = valid = None
         if self.distill.weight > 0:
             teacher, valid = shift_teacher_logits(ctx_out.logits)

@@ -204,6 +204,7 @@ def train(cfg: Config) -> dict[str, float]:
     over_time = False
     engine.train()
     while run.step < t.steps:
+        run.objective.progress = run.step / t.steps  # a function of the step: resumes exactly
         for _ in range(run.grad_accum):
             out = engine(run.next_batch())
             engine.backward(out["loss"])
@@ -321,6 +322,7 @@ def _log_step(run: Run, meter: StepMeter) -> None:
 def _evaluate(run: Run, last: bool) -> None:
     """Validation loss, then the objective's own evaluation of the trained model."""
     cfg = run.cfg
+    run.objective.progress = 1.0  # validate at the block size decoding uses
     evals = validation_metrics(
         run.engine,
         run.loader,
