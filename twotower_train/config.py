@@ -296,6 +296,11 @@ class LoggerConfig:
     mode: WandbMode = WandbMode.offline
 
 
+class CommitOrder(str, Enum):
+    prefix = "prefix"
+    any = "any"
+
+
 class CommitScore(str, Enum):
     confidence = "confidence"
     margin = "margin"
@@ -323,6 +328,9 @@ class EvalConfig:
     score: CommitScore = CommitScore.confidence
     # Adjacent masked positions commit together only if both scores reach this (null = off).
     adjacent_threshold: float | None = None
+    # Which positions may commit: `prefix` = a contiguous run from the first masked one
+    # (left to right, the default: docs/evaluation.md), `any` = wherever the score allows.
+    order: CommitOrder = CommitOrder.prefix
     steps_per_block: int | None = None  # null = block size
     max_new_tokens: int = 24
     threshold_sweep: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95])

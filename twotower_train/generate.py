@@ -8,8 +8,10 @@ Diffusion decoding (``diffusion_generate``), per block of ``bs = model.block_siz
         block = [MASK] * bs                                    (starts fully masked)
         for step in range(steps_per_block):
             logits = denoiser(cache, block)                    (one denoiser forward)
-            commit every masked position whose confidence >= threshold, and at least
-            ceil(remaining / steps_left) of the most confident ones
+            commit the masked positions whose confidence >= threshold -- by default only
+            a contiguous run from the first masked one (order="prefix") -- and at least
+            ceil(remaining / steps_left) of them (the leftmost; order="any": the most
+            confident, anywhere in the block)
         cache = context tower extends cache with the block     (one chunked forward:
                                                                 attention K/V, Mamba states)
 
@@ -69,9 +71,9 @@ class DecodeConfig:
     # only if both scores reach this (None = no rule). Neighbours that are each likely alone
     # are often wrong together (" a a" for " a z"); the minimum per step still applies.
     adjacent_threshold: float | None = None
-    # "any": commit wherever the score allows; "prefix": only the leftmost masked positions,
-    # a contiguous run (left-to-right, as the backbone reads; the per-step minimum too).
-    order: str = "any"
+    # "prefix": only the leftmost masked positions commit, a contiguous run (left to right,
+    # as the backbone reads; the per-step minimum too); "any": wherever the score allows.
+    order: str = "prefix"
 
     def validate(self) -> None:
         if self.steps_per_block is not None and self.steps_per_block < 1:

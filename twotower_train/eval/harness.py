@@ -71,6 +71,7 @@ def _decode_cfg(
         verify=verify,
         score=cfg.score.value,
         adjacent_threshold=cfg.adjacent_threshold,
+        order=cfg.order.value,
     )
 
 
