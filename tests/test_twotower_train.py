@@ -50,8 +50,14 @@ def test_context_tower_is_frozen_and_out_of_the_optimizer() -> None:
     assert in_opt == {id(p) for p in den}
 
 
-def test_two_tower_training_resumes_exactly(tmp_path: Path) -> None:
-    args = [*TT, "train.steps=6", "train.ckpt_every=3"]
+LEVERS = ["diffusion.block_curriculum=[4,8]", "diffusion.complementary=true", "diffusion.suffix_prob=0.5"]
+
+
+@pytest.mark.parametrize("levers", [[], LEVERS], ids=["plain", "levers"])
+def test_two_tower_training_resumes_exactly(tmp_path: Path, levers: list[str]) -> None:
+    """A run stopped at step 3 and resumed logs the losses of an uninterrupted one (with the
+    levers: the curriculum's block size follows the step, so the resumed half trains at 8)."""
+    args = [*TT, *levers, "train.steps=6", "train.ckpt_every=3"]
     train(compose([*args, f"run.dir={tmp_path / 'ref'}"]))
     split = tmp_path / "split"
     train(compose([*args, "train.stop_after=3", f"run.dir={split}"]))
@@ -116,6 +122,9 @@ def test_nemotron_h_two_tower_end_to_end(tmp_path: Path) -> None:
         "distill=none",
         "distill.direction=reverse",
         "denoiser.time_conditioning=true",
+        "diffusion.complementary=true",
+        "diffusion.suffix_prob=1.0",
+        "diffusion.block_curriculum=[2,4,8]",
     ],
 )
 def test_objective_variants_train(tmp_path: Path, override: str) -> None:
@@ -179,3 +188,13 @@ def test_rerunning_a_finished_run_is_a_no_op(tmp_path: Path) -> None:
     train(compose(args))
     assert losses(tmp_path / "run") == before
     assert (tmp_path / "run" / "release" / "denoiser.safetensors").is_file()
+
+
+def test_bench_levers_times_every_lever(capsys) -> None:
+    from twotower_train import bench
+
+    overrides = [ov for ov in TT if not ov.startswith("recipe=")]
+    assert bench.main(["levers", "--steps", "1", "--warmup", "0", *overrides]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["bench"] == "levers" and result["base"]["ratio"] == 1.0
+    assert {"complementary", "suffix_prob=0.5", "block 4 (curriculum stage)"} <= set(result)

@@ -186,51 +186,124 @@ def add_doc_mask_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
 
 
-def run_doc_mask(args: argparse.Namespace) -> dict:
-    """Median optimizer-step time of the recipe's objective through its DeepSpeed engine,
-    alternating doc_ids off / on every step (same batches, same engine)."""
-    import torch
-
+def _objective_run(args: argparse.Namespace):
     from twotower_train.config import compose
     from twotower_train.train import setup
 
     cfg = compose([f"recipe={args.recipe}", *args.overrides, "run.seed=0"])
     run = setup(cfg, run_dir=None)
-    module, engine, device, grad_accum = run.objective, run.engine, run.device, run.grad_accum
-    if not hasattr(module, "doc_mask"):
+    if not hasattr(run.objective, "doc_mask"):
         raise SystemExit(
-            f"recipe {args.recipe}: objective {cfg.train.objective.value} has no doc mask"
+            f"recipe {args.recipe}: objective {cfg.train.objective.value} is not two-tower"
         )
-    loader = run.loader
-    times: dict[bool, list[float]] = {False: [], True: []}
+    return cfg, run
+
+
+def _alternate(run, settings: dict[str, Callable], steps: int, warmup: int):
+    """Median optimizer-step time per setting: every batch is run once under each setting
+    (``settings[name](objective)`` switches it), round robin, on the same engine."""
+    import torch
+
+    engine, device = run.engine, run.device
+    times: dict[str, list[float]] = {name: [] for name in settings}
     docs_per_row = []
-    for i in range(2 * (args.warmup + args.steps)):
-        doc_mask = bool(i % 2)
-        if not doc_mask:
-            batch = {k: v.to(device) for k, v in loader.next_batch().items()}
-            docs_per_row.append(float(batch["doc_ids"].max(dim=1).values.float().mean()) + 1)
-        module.doc_mask = doc_mask
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(grad_accum):
-            out = engine(batch)
-            engine.backward(out["loss"])
-            engine.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2 * args.warmup:
-            times[doc_mask].append(time.perf_counter() - t0)
-    off, on = statistics.median(times[False]), statistics.median(times[True])
-    cost = on / off - 1
+    for i in range(warmup + steps):
+        batch = {k: v.to(device) for k, v in run.loader.next_batch().items()}
+        docs_per_row.append(float(batch["doc_ids"].max(dim=1).values.float().mean()) + 1)
+        for name, switch in settings.items():
+            switch(run.objective)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(run.grad_accum):
+                out = engine(batch)
+                engine.backward(out["loss"])
+                engine.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    return medians, statistics.mean(docs_per_row)
+
+
+def _describe(args, cfg, run, docs: float) -> None:
+    import torch
+
     _say(
-        f"{args.recipe} on {device.type} ({torch.get_num_threads()} threads): seq_len "
+        f"{args.recipe} on {run.device.type} ({torch.get_num_threads()} threads): seq_len "
         f"{cfg.data.seq_len}, block {cfg.denoiser.block_size}, micro batch "
-        f"{cfg.train.micro_batch_size}, {statistics.mean(docs_per_row):.1f} documents per row"
+        f"{cfg.train.micro_batch_size}, {docs:.1f} documents per row"
     )
+
+
+def run_doc_mask(args: argparse.Namespace) -> dict:
+    """Median optimizer-step time of the recipe's objective through its DeepSpeed engine,
+    alternating doc_ids off / on every step (same batches, same engine)."""
+    cfg, run = _objective_run(args)
+
+    def doc_mask(on: bool):
+        return lambda objective: setattr(objective, "doc_mask", on)
+
+    medians, docs = _alternate(run, {"off": doc_mask(False), "on": doc_mask(True)}, args.steps, args.warmup)
+    off, on = medians["off"], medians["on"]
+    cost = on / off - 1
+    _describe(args, cfg, run, docs)
     _say(f"step without doc mask: {off * 1e3:.1f} ms (median of {args.steps})")
     _say(f"step with doc mask:    {on * 1e3:.1f} ms (median of {args.steps}) -> {cost:+.1%}")
     return {"step_ms_off": off * 1e3, "step_ms_on": on * 1e3, "cost": cost}
+
+
+# ---------------------------------------------------------------------------------------
+# bench levers
+# ---------------------------------------------------------------------------------------
+
+add_levers_args = add_doc_mask_args
+
+
+def _lever_settings(cfg) -> dict[str, Callable]:
+    """The training levers of docs/objective.md, each as a switch on the objective (the rest
+    of the recipe's config as it is)."""
+    import copy
+
+    base_diffusion, base_distill = copy.deepcopy(cfg.diffusion), copy.deepcopy(cfg.distill)
+    bs = cfg.denoiser.block_size
+
+    def setting(progress: float = 1.0, curriculum=(), distill_weight=None, **diffusion):
+        def switch(objective) -> None:
+            objective.diffusion = copy.deepcopy(base_diffusion)
+            objective.distill = copy.deepcopy(base_distill)
+            for key, value in diffusion.items():
+                setattr(objective.diffusion, key, value)
+            objective.diffusion.block_curriculum = list(curriculum)
+            if distill_weight is not None:
+                objective.distill.weight = distill_weight
+            objective.progress = progress
+
+        return switch
+
+    settings = {
+        "base": setting(),
+        "suffix_prob=0.5": setting(suffix_prob=0.5),
+        "complementary": setting(complementary=True),
+        "distill weight 1": setting(distill_weight=1.0),
+    }
+    for small in (bs // 4, bs // 2):
+        if small >= 1 and cfg.data.seq_len % small == 0:
+            settings[f"block {small} (curriculum stage)"] = setting(0.0, (small, bs))
+    return settings
+
+
+def run_levers(args: argparse.Namespace) -> dict:
+    """Median optimizer-step time of each training lever against the recipe as it is (same
+    batches, same engine, round robin)."""
+    cfg, run = _objective_run(args)
+    medians, docs = _alternate(run, _lever_settings(cfg), args.steps, args.warmup)
+    _describe(args, cfg, run, docs)
+    base = medians["base"]
+    for name, t in medians.items():
+        _say(f"{name:<28s} {t * 1e3:8.1f} ms  x{t / base:.2f}  (median of {args.steps})")
+    return {name: {"step_ms": t * 1e3, "ratio": t / base} for name, t in medians.items()}
 
 
 # ---------------------------------------------------------------------------------------
@@ -256,6 +329,7 @@ def run_decode(args: argparse.Namespace) -> dict:
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "data": ("packed tokens/s of the data loader", add_data_args, run_data),
     "doc-mask": ("step time with and without document masking", add_doc_mask_args, run_doc_mask),
+    "levers": ("step time of each training lever (docs/objective.md)", add_levers_args, run_levers),
     "decode": ("AR vs block-diffusion decoding tokens/s", add_decode_args, run_decode),
 }
 
