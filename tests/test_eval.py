@@ -147,6 +147,7 @@ def test_evaluate_writes_the_report(model, tokenizer, tmp_path):
     cfg = EvalConfig(
         max_examples_per_task=2,
         max_new_tokens=6,
+        threshold=0.8,
         threshold_sweep=[0.5, 0.95],
         elbo_samples=1,
         speed_examples=2,

@@ -322,7 +322,7 @@ class EvalConfig:
         ]
     )
     max_examples_per_task: int = 200  # also the number of perplexity rows
-    threshold: float = 0.8  # main confidence threshold of diffusion decoding
+    threshold: float = 0.95  # main confidence threshold of diffusion decoding
     # What the threshold reads (generate.DecodeConfig): the chosen token's probability, or
     # its margin over the runner-up.
     score: CommitScore = CommitScore.confidence

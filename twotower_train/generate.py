@@ -54,7 +54,7 @@ class DecodeConfig:
     sample from the temperature / top-k / top-p filtered distribution.
     """
 
-    threshold: float = 0.8
+    threshold: float = 0.95
     steps_per_block: int | None = None
     max_new_tokens: int = 32
     temperature: float = 0.0
