@@ -184,12 +184,15 @@ def test_complementary_with_elbo_weighting_is_refused() -> None:
 
 
 def test_block_curriculum_trains_the_early_steps_at_the_small_size() -> None:
-    """diffusion.block_curriculum=[4, 8]: the first half of the steps is exactly the block-4
+    """diffusion.block_curriculum=[4]: the first half of the steps is exactly the block-4
     objective (same weights, same draws), the second half the model's own block 8; the model
     keeps its block size between steps."""
-    obj = objective("diffusion.block_curriculum=[4,8]")
+    obj = objective("diffusion.block_curriculum=[4]")
     small = objective("denoiser.block_size=4")
     assert [obj.training_block_size() for obj.progress in (0.0, 0.49, 0.5, 1.0)] == [4, 4, 8, 8]
+    obj.diffusion.block_curriculum = [2, 16]  # stages 2, 8 (capped), 8
+    assert [obj.training_block_size() for obj.progress in (0.0, 0.4, 0.7)] == [2, 8, 8]
+    obj.diffusion.block_curriculum = [4]
     plain = objective()
     with torch.no_grad():
         obj.progress = 0.2
@@ -202,10 +205,11 @@ def test_block_curriculum_trains_the_early_steps_at_the_small_size() -> None:
     assert float(early["loss"]) != pytest.approx(float(late["loss"]), rel=1e-3)
 
 
-def test_block_curriculum_must_end_at_the_model_block_size() -> None:
+def test_block_curriculum_sizes_must_divide_the_row() -> None:
     from twotower_train.config import ConfigError
 
     with pytest.raises(ConfigError, match="block_curriculum"):
-        compose([*TT, "diffusion.block_curriculum=[4,16]"])
+        compose([*TT, "diffusion.block_curriculum=[3]"])  # 3 does not divide seq_len 32
     with pytest.raises(ConfigError, match="block_curriculum"):
-        compose([*TT, "diffusion.block_curriculum=[3,8]"])  # 3 does not divide seq_len
+        compose([*TT, "diffusion.block_curriculum=[0]"])
+    compose([*TT, "diffusion.block_curriculum=[4,64]"])  # 64 is capped at the block size 8

@@ -50,7 +50,7 @@ def test_context_tower_is_frozen_and_out_of_the_optimizer() -> None:
     assert in_opt == {id(p) for p in den}
 
 
-LEVERS = ["diffusion.block_curriculum=[4,8]", "diffusion.complementary=true", "diffusion.suffix_prob=0.5"]
+LEVERS = ["diffusion.block_curriculum=[4]", "diffusion.complementary=true", "diffusion.suffix_prob=0.5"]
 
 
 @pytest.mark.parametrize("levers", [[], LEVERS], ids=["plain", "levers"])
@@ -124,7 +124,7 @@ def test_nemotron_h_two_tower_end_to_end(tmp_path: Path) -> None:
         "denoiser.time_conditioning=true",
         "diffusion.complementary=true",
         "diffusion.suffix_prob=1.0",
-        "diffusion.block_curriculum=[2,4,8]",
+        "diffusion.block_curriculum=[2,4]",
     ],
 )
 def test_objective_variants_train(tmp_path: Path, override: str) -> None:

@@ -290,7 +290,7 @@ def _lever_settings(cfg) -> dict[str, Callable]:
     }
     for small in (bs // 4, bs // 2):
         if small >= 1 and cfg.data.seq_len % small == 0:
-            settings[f"block {small} (curriculum stage)"] = setting(0.0, (small, bs))
+            settings[f"block {small} (curriculum stage)"] = setting(0.0, (small,))
     return settings
 
 

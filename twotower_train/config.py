@@ -224,8 +224,9 @@ class DiffusionConfig:
     # A second denoiser pass on the complement of each block's mask (the context tower's
     # pass is shared): every maskable token is supervised once per step.
     complementary: bool = False
-    # Block-size curriculum: training block sizes for equal shares of the steps, e.g.
-    # [4, 8, 16]; the last must be denoiser.block_size (what decoding uses). [] = off.
+    # Block-size curriculum: warm-up block sizes trained before denoiser.block_size, each
+    # stage an equal share of the steps: [4, 8] = 4, 8, then the block size (thirds). An
+    # entry above the block size is capped at it. [] = off.
     block_curriculum: list[int] = field(default_factory=list)
 
 
@@ -485,10 +486,10 @@ def check(cfg: Config) -> None:
             f"diffusion.suffix_prob must be in [0, 1], got {cfg.diffusion.suffix_prob}"
         )
     cur = cfg.diffusion.block_curriculum
-    if cur and (cur[-1] != d.block_size or any(b < 1 or cfg.data.seq_len % b for b in cur)):
+    if any(b < 1 or cfg.data.seq_len % min(b, d.block_size) for b in cur):
         raise ConfigError(
-            f"diffusion.block_curriculum={list(cur)} must end at denoiser.block_size="
-            f"{d.block_size}, each size dividing data.seq_len={cfg.data.seq_len}"
+            f"diffusion.block_curriculum={list(cur)}: every block size must be >= 1 and "
+            f"divide data.seq_len={cfg.data.seq_len}"
         )
     if cfg.diffusion.complementary and cfg.diffusion.weighting == CEWeighting.elbo:
         raise ConfigError(

@@ -121,11 +121,11 @@ class TwoTowerObjective(nn.Module):
         self.progress = 1.0
 
     def training_block_size(self) -> int:
-        """The block size of this step: the curriculum's entry for ``progress``."""
-        cur = self.diffusion.block_curriculum
-        if not cur:
-            return self.model.config.block_size
-        return cur[min(int(self.progress * len(cur)), len(cur) - 1)]
+        """The block size of this step: stage ``floor(progress * k)`` of the ``k`` stages
+        ``[*diffusion.block_curriculum, block_size]`` (each capped at the block size)."""
+        full = self.model.config.block_size
+        stages = [min(b, full) for b in self.diffusion.block_curriculum] + [full]
+        return stages[min(int(self.progress * len(stages)), len(stages) - 1)]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         bs = self.training_block_size()
