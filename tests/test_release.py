@@ -165,6 +165,21 @@ def test_decode_benchmark_loads_the_trained_denoiser(release) -> None:
     assert fresh.block_size == 8
 
 
+def test_decode_benchmark_times_every_decoder(release) -> None:
+    from twotower_train.eval.bench_decode import run as bench_run
+
+    path, _ = release
+    parser = argparse.ArgumentParser()
+    bench_args(parser)
+    args = ["--release", str(path), "--prompts", "2", "--repeats", "1", "--max-new-tokens", "6"]
+    out = bench_run(parser.parse_args([*args, "--thresholds", "0.9", "--verify", "--order", "any"]))
+    assert out["order"] == "any"
+    rows = {(r["decoder"], r["threshold"]): r for r in out["results"]}
+    assert set(rows) == {("ar", None), ("diffusion", 0.9), ("verified", 0.9)}
+    assert rows[("ar", None)]["speedup_vs_ar"] == 1.0
+    assert all(r["tokens_per_s"] > 0 and r["new_tokens"] > 0 for r in rows.values())
+
+
 def test_lm_eval_adapter_from_arg_string(release) -> None:
     pytest.importorskip("lm_eval")
     from twotower_train.eval import likelihood

@@ -31,6 +31,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
+    p.add_argument(
+        "--order", choices=["prefix", "any"], default="prefix", help="diffusion commit order"
+    )
+    p.add_argument("--verify", action="store_true", help="also time verified decoding")
 
 
 def _build(args):
@@ -59,10 +63,15 @@ def run(args: argparse.Namespace) -> dict:
     eos = tokenizer.eos_token_id
     results = []
     for batch in args.batch_sizes:
-        settings = [("ar", None)] + [("diffusion", th) for th in args.thresholds]
+        kinds = ["diffusion", "verified"] if args.verify else ["diffusion"]
+        settings = [("ar", None)] + [(k, th) for th in args.thresholds for k in kinds]
         for kind, th in settings:
             cfg = DecodeConfig(
-                threshold=th or 0.0, max_new_tokens=args.max_new_tokens, batch_size=batch
+                threshold=th or 0.0,
+                max_new_tokens=args.max_new_tokens,
+                batch_size=batch,
+                order=args.order,
+                verify=kind == "verified",
             )
             gen = ar_generate if kind == "ar" else diffusion_generate
             calls = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
@@ -86,7 +95,7 @@ def run(args: argparse.Namespace) -> dict:
                 "new_tokens": sum(p.new_tokens for p in stats),
             }
             results.append(row)
-            label = "AR" if kind == "ar" else f"diffusion gamma={th}"
+            label = "AR" if kind == "ar" else f"{kind} gamma={th}"
             print(
                 f"[bench] decode batch {batch:>3d} {label:<22s} "
                 f"{row['tokens_per_s']:>9.1f} tokens/s  "
@@ -106,6 +115,7 @@ def run(args: argparse.Namespace) -> dict:
         "model": args.release or f"{args.backbone} (untrained denoiser)",
         "block_size": model.block_size,
         "dtype": args.dtype,
+        "order": args.order,
         "prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens,
         "results": results,
