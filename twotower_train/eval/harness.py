@@ -308,6 +308,9 @@ def evaluate(
         sweep=sweep,
         decode={
             "threshold": cfg.threshold,
+            "order": cfg.order.value,
+            "score": cfg.score.value,
+            "adjacent_threshold": cfg.adjacent_threshold,
             "block_size": model.block_size,
             "steps_per_block": cfg.steps_per_block or model.block_size,
             "max_new_tokens": cfg.max_new_tokens,

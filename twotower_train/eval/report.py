@@ -136,8 +136,9 @@ def report_markdown(report: dict) -> str:
         "",
         f"- **retained** (ratio of averages over {names}): {_fmt(report['retained'], True)}",
         f"- **retained, mean of ratios**: {_fmt(report['retained_mean_of_ratios'], True)}",
-        f"- **tokens per denoiser forward** (threshold {report.get('threshold')}, block "
-        f"{report.get('block_size')}, at most {steps} steps per block): "
+        f"- **tokens per denoiser forward** (threshold {report.get('threshold')}, order "
+        f"{report.get('order', 'any')}, block {report.get('block_size')}, at most {steps} "
+        "steps per block): "
         f"{_fmt(report['tokens_per_forward'])}",
     ]
     speed = report.get("speed")
