@@ -53,9 +53,11 @@ def evaluate_run(cfg) -> dict:
         report = evaluate(model, tokenizer, cfg.eval, run_dir / "eval", logger)
     finally:
         logger.close()
+    speed = report["speedup_vs_ar"]
+    speed_text = f", {speed:.2f}x AR tokens/s" if speed is not None else ""
     info(
         f"retained {report['retained']:.4f} at {report['tokens_per_forward']:.2f} tokens per "
-        f"denoiser forward, {report['speedup_vs_ar']:.2f}x AR tokens/s; {run_dir / 'eval'}"
+        f"denoiser forward{speed_text}; {run_dir / 'eval'}"
     )
     return report
 
