@@ -342,7 +342,8 @@ def diffusion_generate(
     cfg.validate()
     device = _device(model)
     was_training = model.training
-    model.eval()
+    if was_training:  # (a recursive mode switch costs ~1 ms: not on every call)
+        model.eval()
     stats = GenerationStats(sequences=len(prompts))
     outputs: list[list[int]] = [[] for _ in prompts]
     _sync(device)
@@ -358,7 +359,8 @@ def diffusion_generate(
             else:
                 _decode_group(model, cache, group, outputs, cfg, eos_id, generator, stats)
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
     _sync(device)
     return outputs, stats.finish(time.perf_counter() - t0)
 
