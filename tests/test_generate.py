@@ -370,3 +370,14 @@ def test_verified_decoding_accepts_a_perfect_draft():
 def test_verified_decoding_refuses_sampling():
     with pytest.raises(ValueError, match="verify=True is greedy"):
         DecodeConfig(temperature=1.0, verify=True).validate()
+
+
+def test_decoding_restores_the_training_flag():
+    model = build("llama")
+    cfg = DecodeConfig(max_new_tokens=5)
+    model.train()
+    diffusion_generate(model, PROMPTS[:1], cfg, None)
+    assert model.training and model.denoiser.training and not model.context.training
+    model.eval()
+    diffusion_generate(model, PROMPTS[:1], cfg, None)
+    assert not model.training and not model.denoiser.training
