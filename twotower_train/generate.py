@@ -351,7 +351,7 @@ def diffusion_generate(
     try:
         for group in _length_groups(prompts, 1 if cfg.verify else cfg.batch_size):
             ids = torch.tensor([prompts[i] for i in group], device=device)
-            cache, _ = model.context_extend(None, ids)
+            cache, _ = model.context_extend(None, ids, last_only=True)
             stats.context_forwards += len(group)
             stats.context_calls += 1
             if cfg.verify:  # rows accept different lengths: one at a time
@@ -398,7 +398,7 @@ def _decode_group(
             index = torch.tensor(keep, device=device)
             cache, block = cache.select(index), block[index]
             rows = [rows[j] for j in keep]
-        cache, _ = model.context_extend(cache, block)
+        cache, _ = model.context_extend(cache, block, last_only=True)
         stats.context_forwards += len(rows)
         stats.context_calls += 1
 
@@ -516,7 +516,9 @@ def _truncate(model, before: ContextCache, extended: ContextCache, kept, logits,
     if not extended.conv and not extended.ssm:  # attention only: cut the K/V
         return extended.truncate(before.length + len(kept), logits[:, len(kept) - 1])
     # Mamba states cannot be cut: recompute them from the block's start state
-    cache, _ = model.context_extend(before, torch.tensor([kept], device=logits.device))
+    cache, _ = model.context_extend(
+        before, torch.tensor([kept], device=logits.device), last_only=True
+    )
     stats.context_forwards += 1
     stats.context_calls += 1
     return cache
@@ -547,7 +549,7 @@ def ar_generate(
         chunk = torch.tensor([prompts[i] for i in rows], device=device)
         cache = None
         for n in range(cfg.max_new_tokens):
-            cache, logits = model.context_extend(cache, chunk)
+            cache, logits = model.context_extend(cache, chunk, last_only=True)
             stats.context_forwards += len(rows)
             stats.context_calls += 1
             ids, _ = choose_tokens(

@@ -105,7 +105,7 @@ def answer_block_metrics(
         for s in range(0, len(idx_all), batch_size):
             idx = idx_all[s : s + batch_size]
             cache, _ = model.context_extend(
-                None, torch.tensor([pairs[i][0] for i in idx], device=device)
+                None, torch.tensor([pairs[i][0] for i in idx], device=device), last_only=True
             )
             block = torch.full((len(idx), bs), mask_id, dtype=torch.long, device=device)
             t = torch.ones(len(idx), device=device) if model.config.time_conditioning else None

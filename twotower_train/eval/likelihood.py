@@ -93,7 +93,7 @@ def denoiser_loglikelihood(
             cache = None
             if ctx_len:
                 ctx = torch.tensor([requests[i][0] for i in group], device=device)
-                cache, _ = model.context_extend(None, ctx)
+                cache, _ = model.context_extend(None, ctx, last_only=True)
             k = 0
             while group:
                 _score_block(model, cache, group, requests, k, logp, greedy, max_rows)
@@ -106,7 +106,7 @@ def denoiser_loglikelihood(
                 )
                 if cache is not None:
                     cache = cache.select(torch.tensor(keep, device=device))
-                cache, _ = model.context_extend(cache, block)
+                cache, _ = model.context_extend(cache, block, last_only=True)
                 group = [group[j] for j in keep]
                 k += 1
     return list(zip(logp, greedy))

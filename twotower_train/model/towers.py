@@ -53,12 +53,18 @@ class ContextTower(nn.Module):
         return self.adapter.parts(self.backbone)
 
     def context_extend(
-        self, cache: ContextCache | None, ids: torch.Tensor, chunk_size: int = 16
+        self,
+        cache: ContextCache | None,
+        ids: torch.Tensor,
+        chunk_size: int = 16,
+        last_only: bool = False,
     ) -> tuple[ContextCache, torch.Tensor]:
         """Read a new chunk ``ids [B, T]`` (any T) after ``cache`` (None = empty): the
         extended cache (a new object, ``last_logits`` set) and the chunk's logits
-        ``[B, T, V]``. ``chunk_size``: the Mamba scan's chunk (no effect on the result)."""
-        out = self(ids, cache, block_size=chunk_size)
+        ``[B, T, V]`` (``[B, 1, V]``, the last position's, with ``last_only``: decoding
+        needs no more, and the LM head over a whole prompt is not free).
+        ``chunk_size``: the Mamba scan's chunk (no effect on the result)."""
+        out = self(ids, cache, block_size=chunk_size, last_only=last_only)
         out.cache.last_logits = out.logits[:, -1]
         return out.cache, out.logits
 
@@ -75,10 +81,11 @@ class ContextTower(nn.Module):
         block_size: int,
         doc_ids: torch.Tensor | None = None,
         boundaries: bool = False,
+        last_only: bool = False,
     ) -> ContextOutputs:
         """Read ``ids [B, T]`` after ``cache`` (None = empty).
 
-        Returns logits ``[B, T, V]``, the extended cache and, with ``boundaries=True`` (only
+        Returns logits ``[B, T, V]`` (``[B, 1, V]`` with ``last_only``), the extended cache and, with ``boundaries=True`` (only
         from an empty cache, ``T`` a multiple of ``block_size``), each Mamba layer's conv/SSM
         state at the start of every block. ``doc_ids [B, T]`` (empty cache only): no
         attention / state across document boundaries.
@@ -132,6 +139,8 @@ class ContextTower(nn.Module):
                 else:
                     y = sub.mixer(x)
                 h = h + y
+        if last_only:
+            h = h[:, -1:]
         logits = adapter.logits(parts.head, parts.norm(h))
         return ContextOutputs(logits, new, conv_windows, ssm_init)
 

@@ -210,11 +210,14 @@ class TwoTowerModel(nn.Module):
         return ContextCache()
 
     def context_extend(
-        self, cache: ContextCache | None, ids: torch.Tensor
+        self, cache: ContextCache | None, ids: torch.Tensor, last_only: bool = False
     ) -> tuple[ContextCache, torch.Tensor]:
         """Run the context tower on a new chunk ``ids [B, T]`` (any T) after ``cache``.
-        Returns the extended cache (a new object) and the chunk's logits ``[B, T, V]``."""
-        return self.context.context_extend(cache, ids, chunk_size=self.block_size)
+        Returns the extended cache (a new object) and the chunk's logits ``[B, T, V]``
+        (only the last position's, ``[B, 1, V]``, with ``last_only``)."""
+        return self.context.context_extend(
+            cache, ids, chunk_size=self.block_size, last_only=last_only
+        )
 
     def denoise_block(
         self,
@@ -279,7 +282,7 @@ class TwoTowerModel(nn.Module):
         for n in range(length // bs):
             span = slice(n * bs, (n + 1) * bs)
             out.append(self.denoise_block(cache, noisy_ids[:, span], t=self._block_t(t, n, length)))
-            cache, _ = self.context_extend(cache, clean_ids[:, span])
+            cache, _ = self.context_extend(cache, clean_ids[:, span], last_only=True)
         return torch.cat(out, dim=1)
 
     def _block_t(self, t: torch.Tensor | None, n: int, length: int) -> torch.Tensor | None:
