@@ -381,3 +381,16 @@ def test_decoding_restores_the_training_flag():
     model.eval()
     diffusion_generate(model, PROMPTS[:1], cfg, None)
     assert not model.training and not model.denoiser.training
+
+
+@pytest.mark.parametrize("family", ["llama", "nemotron_h"])
+def test_context_extend_last_only_is_the_last_row(family):
+    model = build(family)
+    with torch.no_grad():
+        full_cache, full = model.context_extend(None, torch.tensor([PROMPTS[2]]))
+        cache, last = model.context_extend(None, torch.tensor([PROMPTS[2]]), last_only=True)
+    assert last.shape == (1, 1, VOCAB)
+    torch.testing.assert_close(last[:, 0], full[:, -1])
+    torch.testing.assert_close(cache.last_logits, full_cache.last_logits)
+    for li in full_cache.keys:
+        torch.testing.assert_close(cache.keys[li], full_cache.keys[li])
