@@ -2,6 +2,7 @@
 
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -214,7 +215,12 @@ def test_verified_mode_is_reported_and_lossless(model, tokenizer, tmp_path):
     for t in report["tasks"]:  # token for token the backbone's decoding: the same scores
         assert verified["tasks"][t["name"]] == t["backbone"]
     assert verified["tokens_per_step"] >= 1.0 and verified["speedup_vs_ar"] > 0
+    assert verified["threshold"] == 0.5  # eval.verify_threshold: drafts are a speed knob
     assert "Verified decoding" in (tmp_path / "report.md").read_text()
+    # null: drafts at the main threshold; the scores stay the backbone's
+    same = evaluate(model, tokenizer, replace(cfg, verify_threshold=None), tmp_path / "same")
+    assert same["verified"]["threshold"] == cfg.threshold
+    assert same["verified"]["tasks"] == verified["tasks"]
     assert json.loads((tmp_path / "report.json").read_text())["verified"]["tasks"]
 
 

@@ -344,6 +344,9 @@ class EvalConfig:
     # Also score verified decoding (the context tower checks every drafted block; lossless):
     # report.json `verified`.
     verify: bool = False
+    # Drafting threshold of the verified mode (null = `threshold`): only a speed knob, the
+    # output is the backbone's whatever the draft; low drafts more per round.
+    verify_threshold: float | None = 0.5
     # mode=eval: the release folder to score (null = run.dir/release).
     release: str | None = None
 

@@ -207,7 +207,7 @@ def _speed(
     if not prompts:
         return None
     dcfg = _decode_cfg(cfg, cfg.threshold, 1)
-    vcfg = _decode_cfg(cfg, cfg.threshold, 1, verify=verify)
+    vcfg = _decode_cfg(cfg, _verify_threshold(cfg) if verify else cfg.threshold, 1, verify=verify)
     ar_generate(model, prompts[:1], dcfg, eos)
     diffusion_generate(model, prompts[:1], vcfg, eos)
     ar_stats, dif_stats = [], []
@@ -222,6 +222,12 @@ def _speed(
     }
 
 
+def _verify_threshold(cfg: EvalConfig) -> float:
+    """The drafting threshold of verified decoding (a speed knob only: the output is the
+    backbone's whatever the draft)."""
+    return cfg.threshold if cfg.verify_threshold is None else cfg.verify_threshold
+
+
 def _verified(model, tokenizer, cfg: EvalConfig, examples, backbone, prompt_ids) -> dict:
     """Verified decoding of the generation tasks: its scores (equal to the backbone's, by
     construction), tokens per step, accepted tokens, and batch-1 speed vs AR."""
@@ -232,7 +238,7 @@ def _verified(model, tokenizer, cfg: EvalConfig, examples, backbone, prompt_ids)
         model,
         tokenizer,
         examples,
-        _decode_cfg(cfg, cfg.threshold, cfg.batch_size, verify=True),
+        _decode_cfg(cfg, _verify_threshold(cfg), cfg.batch_size, verify=True),
     )
     retained, _ = retained_ratios([TaskScore(t, "em", backbone[t], scores[t]) for t in scores])
     speed = _speed(model, prompt_ids, cfg, tokenizer.eos_token_id, verify=True)
@@ -245,6 +251,7 @@ def _verified(model, tokenizer, cfg: EvalConfig, examples, backbone, prompt_ids)
         "mean_accepted": stats.mean_accepted,
         "speedup_vs_ar": speedup,
         "tokens_per_forward": stats.tokens_per_forward,
+        "threshold": _verify_threshold(cfg),
         "tasks": scores,
         "speed": speed,
     }

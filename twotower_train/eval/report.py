@@ -157,8 +157,9 @@ def report_markdown(report: dict) -> str:
             "",
             f"- **retained**: {_fmt(verified['retained'], True)} "
             f"(exact-match tasks: {', '.join(verified['tasks'])})",
-            f"- **tokens per step** (a step = the denoiser forwards drafting a block + one "
-            f"context forward verifying it): {_fmt(verified['tokens_per_step'])}; mean "
+            f"- **tokens per step** (drafts at threshold {verified.get('threshold')}; a step = "
+            f"the denoiser forwards drafting a block + one context forward verifying it): "
+            f"{_fmt(verified['tokens_per_step'])}; mean "
             f"accepted drafted tokens per step: {_fmt(verified['mean_accepted'])}",
             f"- **speed vs AR** (batch 1, same prompts): {_fmt(verified['speedup_vs_ar'])}x",
         ]
