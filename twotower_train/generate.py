@@ -37,11 +37,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from twotower_train.config import CommitOrder, CommitScore
 from twotower_train.model import ContextCache, ContextTower, TwoTowerModel
 
 
-SCORES = ("confidence", "margin")
-ORDERS = ("any", "prefix")
+SCORES = tuple(s.value for s in CommitScore)  # the values `eval.score` takes
+ORDERS = tuple(o.value for o in CommitOrder)
 
 
 @dataclass
@@ -262,7 +263,7 @@ def confidence_unmask_step(
         sure = score >= adjacent_threshold
         cols = list(commit.unbind(1))
         for i in range(1, bs):
-            together = cols[i] & cols[i - 1] & masked[:, i - 1]
+            together = cols[i] & cols[i - 1]
             cols[i] = cols[i] & ~(together & ~(sure[:, i] & sure[:, i - 1]))
         commit = torch.stack(cols, 1)
     if order == "prefix":
@@ -275,9 +276,9 @@ def confidence_unmask_step(
     if order == "prefix":  # rank = left to right
         pos = torch.arange(bs, device=block.device, dtype=rest.dtype).expand(batch, bs)
         rest = torch.where(masked & ~commit, -pos, torch.full_like(rest, -torch.inf))
-    order = rest.argsort(dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(
-        1, order, torch.arange(bs, device=block.device).expand(batch, bs)
+    ranked = rest.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(ranked).scatter_(
+        1, ranked, torch.arange(bs, device=block.device).expand(batch, bs)
     )
     commit = commit | (masked & (rank < short[:, None]))
     return torch.where(commit, ids, block)
@@ -298,7 +299,7 @@ def _cut_at_eos(ids: list[int], eos_id: int | None) -> tuple[list[int], bool]:
     return ids, False
 
 
-def _length_groups(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
+def length_groups(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
     """Indices of prompts with the same token length, in sub-batches of ``batch_size``."""
     by_len: dict[int, list[int]] = defaultdict(list)
     for i, p in enumerate(prompts):
@@ -349,7 +350,7 @@ def diffusion_generate(
     _sync(device)
     t0 = time.perf_counter()
     try:
-        for group in _length_groups(prompts, 1 if cfg.verify else cfg.batch_size):
+        for group in length_groups(prompts, 1 if cfg.verify else cfg.batch_size):
             ids = torch.tensor([prompts[i] for i in group], device=device)
             cache, _ = model.context_extend(None, ids, last_only=True)
             stats.context_forwards += len(group)
@@ -544,7 +545,7 @@ def ar_generate(
     outputs: list[list[int]] = [[] for _ in prompts]
     _sync(device)
     t0 = time.perf_counter()
-    for group in _length_groups(prompts, cfg.batch_size):
+    for group in length_groups(prompts, cfg.batch_size):
         rows = list(group)
         chunk = torch.tensor([prompts[i] for i in rows], device=device)
         cache = None

@@ -30,6 +30,7 @@ from twotower_train.generate import (
     GenerationStats,
     ar_generate,
     diffusion_generate,
+    length_groups,
 )
 from twotower_train.model import TwoTowerModel
 
@@ -98,28 +99,23 @@ def answer_block_metrics(
         prompt, answer = tasks.split_continuation(tokenizer, ex["prompt"], ex["answer"])
         pairs.append((prompt, (answer + [tokenizer.eos_token_id])[:bs]))
     ce_sum, hits, n_pos, exact = 0.0, 0, 0, 0
-    groups: dict[int, list[int]] = {}
-    for i, (prompt, _) in enumerate(pairs):
-        groups.setdefault(len(prompt), []).append(i)
-    for idx_all in groups.values():
-        for s in range(0, len(idx_all), batch_size):
-            idx = idx_all[s : s + batch_size]
-            cache, _ = model.context_extend(
-                None, torch.tensor([pairs[i][0] for i in idx], device=device), last_only=True
-            )
-            block = torch.full((len(idx), bs), mask_id, dtype=torch.long, device=device)
-            t = torch.ones(len(idx), device=device) if model.config.time_conditioning else None
-            logits = model.denoise_block(cache, block, t=t).float()
-            logits[..., mask_id] = -torch.inf
-            logp = logits.log_softmax(-1)
-            for row, i in enumerate(idx):
-                target = torch.tensor(pairs[i][1], device=device)
-                k = len(target)
-                ce_sum -= float(logp[row, :k].gather(-1, target[:, None]).sum())
-                right = logp[row, :k].argmax(-1) == target
-                hits += int(right.sum())
-                n_pos += k
-                exact += int(right.all())
+    for idx in length_groups([prompt for prompt, _ in pairs], batch_size):
+        cache, _ = model.context_extend(
+            None, torch.tensor([pairs[i][0] for i in idx], device=device), last_only=True
+        )
+        block = torch.full((len(idx), bs), mask_id, dtype=torch.long, device=device)
+        t = torch.ones(len(idx), device=device) if model.config.time_conditioning else None
+        logits = model.denoise_block(cache, block, t=t).float()
+        logits[..., mask_id] = -torch.inf
+        logp = logits.log_softmax(-1)
+        for row, i in enumerate(idx):
+            target = torch.tensor(pairs[i][1], device=device)
+            k = len(target)
+            ce_sum -= float(logp[row, :k].gather(-1, target[:, None]).sum())
+            right = logp[row, :k].argmax(-1) == target
+            hits += int(right.sum())
+            n_pos += k
+            exact += int(right.all())
     model.train(was_training)
     if not pairs:
         return {}
