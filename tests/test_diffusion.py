@@ -369,9 +369,13 @@ def test_mask_tokens_suffix_blocks_move_the_same_count_to_the_end() -> None:
             want = set(ok[len(ok) - k :]) if k else set()
             assert {p for p in range(bs) if suf[r, sl][p]} == want
     # suffix_prob=0 is the independent draw, bit for bit; a share picks whole blocks
-    _, zero, _ = mask_tokens(ids, t, generator=torch.Generator().manual_seed(5), suffix_prob=0.0, **kw)
+    _, zero, _ = mask_tokens(
+        ids, t, generator=torch.Generator().manual_seed(5), suffix_prob=0.0, **kw
+    )
     assert torch.equal(zero, iid)
-    _, half, _ = mask_tokens(ids, t, generator=torch.Generator().manual_seed(5), suffix_prob=0.5, **kw)
+    _, half, _ = mask_tokens(
+        ids, t, generator=torch.Generator().manual_seed(5), suffix_prob=0.5, **kw
+    )
     per_block = lambda m: m.view(b, nb, bs)  # noqa: E731
     same = (per_block(half) == per_block(iid)).all(-1) | (per_block(half) == per_block(suf)).all(-1)
     assert same.all()

@@ -75,7 +75,9 @@ def test_prefix_order_commits_a_contiguous_run_from_the_left():
     # nothing confident: the minimum comes from the left, not by confidence
     out = confidence_unmask_step(block, ids, conf, threshold=2.0, **kw)
     assert out.tolist() == [[5, 11, MASK, MASK, MASK, MASK]]
-    out = confidence_unmask_step(block, ids, conf, threshold=2.0, mask_id=MASK, steps_left=2, order="prefix")
+    out = confidence_unmask_step(
+        block, ids, conf, threshold=2.0, mask_id=MASK, steps_left=2, order="prefix"
+    )
     assert out.tolist() == [[5, 11, 12, 13, MASK, MASK]]
 
 

@@ -129,7 +129,9 @@ def test_time_conditioning_reads_the_mask_rate() -> None:
     seen = spy_passes(model)
     with torch.no_grad():
         run(obj, seed=3)
-    seen["noisy"], _, rate = seen["passes"][0]  # [B, nb]: each block's mask probability under the cosine schedule
+    seen["noisy"], _, rate = seen["passes"][
+        0
+    ]  # [B, nb]: each block's mask probability under the cosine schedule
     frac = (seen["noisy"] == obj.mask_id).float().view(2, -1, 8).mean(-1)
     assert rate.shape == frac.shape and ((rate - frac).abs() < 0.5).all()
     assert not torch.equal(rate, torch.zeros_like(rate))

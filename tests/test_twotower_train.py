@@ -50,7 +50,11 @@ def test_context_tower_is_frozen_and_out_of_the_optimizer() -> None:
     assert in_opt == {id(p) for p in den}
 
 
-LEVERS = ["diffusion.block_curriculum=[4]", "diffusion.complementary=true", "diffusion.suffix_prob=0.5"]
+LEVERS = [
+    "diffusion.block_curriculum=[4]",
+    "diffusion.complementary=true",
+    "diffusion.suffix_prob=0.5",
+]
 
 
 @pytest.mark.parametrize("levers", [[], LEVERS], ids=["plain", "levers"])

@@ -245,7 +245,9 @@ def run_doc_mask(args: argparse.Namespace) -> dict:
     def doc_mask(on: bool):
         return lambda objective: setattr(objective, "doc_mask", on)
 
-    medians, docs = _alternate(run, {"off": doc_mask(False), "on": doc_mask(True)}, args.steps, args.warmup)
+    medians, docs = _alternate(
+        run, {"off": doc_mask(False), "on": doc_mask(True)}, args.steps, args.warmup
+    )
     off, on = medians["off"], medians["on"]
     cost = on / off - 1
     _describe(args, cfg, run, docs)

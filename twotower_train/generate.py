@@ -40,7 +40,6 @@ import torch
 from twotower_train.config import CommitOrder, CommitScore
 from twotower_train.model import ContextCache, ContextTower, TwoTowerModel
 
-
 SCORES = tuple(s.value for s in CommitScore)  # the values `eval.score` takes
 ORDERS = tuple(o.value for o in CommitOrder)
 
@@ -93,7 +92,7 @@ class DecodeConfig:
             raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
         if self.order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
-        if self.adjacent_threshold is not None and not 0.0 <= self.adjacent_threshold:
+        if self.adjacent_threshold is not None and not self.adjacent_threshold >= 0.0:
             raise ValueError(f"adjacent_threshold must be >= 0, got {self.adjacent_threshold}")
         if self.verify and self.temperature > 0:
             raise ValueError(

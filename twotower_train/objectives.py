@@ -219,7 +219,9 @@ class TwoTowerObjective(nn.Module):
             with torch.no_grad():
                 correct = correct + ((logits.argmax(-1) == ids) & masked_p).sum()
                 # plain mean CE over masked tokens, whatever the training weighting
-                plain = ces[-1] if d.weighting.value == "none" else diffusion_ce(logits, ids, masked_p)
+                plain = (
+                    ces[-1] if d.weighting.value == "none" else diffusion_ce(logits, ids, masked_p)
+                )
                 plain_sum = plain_sum + plain.detach() * n_ce[-1]
         ce = _token_mean(ces, n_ce)
         out = {"ce": ce.detach()}
