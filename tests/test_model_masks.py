@@ -130,3 +130,19 @@ def test_compiled_flex_on_cuda_matches_sdpa():
     out_sdpa = attend(q, k, v, scale=dim**-0.5, mask=dense)
     out_flex = attend(q, k, v, scale=dim**-0.5, mask=flex)
     torch.testing.assert_close(out_flex, out_sdpa, rtol=2e-4, atol=2e-4)
+
+
+def test_document_positions_restart_per_document_and_blocks_continue_theirs():
+    from twotower_train.model.masks import block_document_positions, document_positions
+
+    docs = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2], [5, 5, 5, 5, 5, 5, 5, 5]])
+    assert document_positions(docs).tolist() == [
+        [0, 1, 2, 0, 1, 2, 3, 0],
+        [0, 1, 2, 3, 4, 5, 6, 7],
+    ]
+    # block 0 (positions 0-3) continues document 0 past its end at position 3; block 1 starts
+    # inside document 1 (its position 1) and continues it past the EOS before position 7
+    assert block_document_positions(docs, 4).tolist() == [
+        [0, 1, 2, 3, 1, 2, 3, 4],
+        [0, 1, 2, 3, 4, 5, 6, 7],
+    ]

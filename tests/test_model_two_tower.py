@@ -88,23 +88,28 @@ def test_denoiser_is_a_copy(backbone):
     context_params = {id(p) for p in model.context.parameters()}
     assert not any(id(p) in context_params for p in model.denoiser.parameters())
     assert len(model.denoiser.layers) == 2
-    n = len(model.context.parts.layers)
+    n = len(model.context.layers)
     assert model.denoiser.layer_ids == [n - 2, n - 1]
-    # the values: the top two layers of the backbone, its embedding and final norm
-    parts = model.context.parts
+    # the values: the top two layers of the backbone, everything outside the layers as is
     for layer, i in zip(model.denoiser.layers, model.denoiser.layer_ids):
-        theirs = parts.layers[i].state_dict()
+        theirs = model.context.layers[i].state_dict()
         for name, value in layer.state_dict().items():
             assert torch.equal(value, theirs[name]), (i, name)
-    assert torch.equal(model.denoiser.embed.weight, parts.embed.weight)
-    for name, value in model.denoiser.norm.state_dict().items():
-        assert torch.equal(value, parts.norm.state_dict()[name])
+    theirs = model.backbone.state_dict()
+    outside = {  # (the head is tied to the embedding here; the untied head is compared below)
+        k: v
+        for k, v in model.denoiser.model.state_dict().items()
+        if ".layers." not in k and not k.startswith("lm_head.")
+    }
+    assert outside and all(torch.equal(v, theirs[k]) for k, v in outside.items())
     untied = build(backbone)
-    assert untied.denoiser.head.weight is not untied.denoiser.embed.weight
-    assert torch.equal(untied.denoiser.head.weight, untied.context.parts.head.weight)
+    # without tie_head the copy keeps the backbone's own tying (Gemma ties, Llama does not)
+    tied = backbone.get_output_embeddings().weight is backbone.get_input_embeddings().weight
+    assert (untied.denoiser.head.weight is untied.denoiser.embed.weight) == tied
+    assert torch.equal(untied.denoiser.head.weight, untied.backbone.get_output_embeddings().weight)
     # a lower layer of the same kind differs (the comparison above is not vacuous)
     top = model.denoiser.layers[-1].state_dict()
-    lower = [parts.layers[j].state_dict() for j in range(n - 2)]
+    lower = [model.context.layers[j].state_dict() for j in range(n - 2)]
     same_kind = [sd for sd in lower if sd.keys() == top.keys()]
     assert same_kind and all(any(not torch.equal(sd[k], top[k]) for k in top) for sd in same_kind)
 

@@ -16,7 +16,13 @@ from tiny_models import tiny_backbone
 from twotower_train.eval.bench_decode import _build as build_bench_model
 from twotower_train.eval.bench_decode import add_args as bench_args
 from twotower_train.model import TwoTowerConfig, TwoTowerModel
-from twotower_train.release import CONFIG_FILE, DENOISER_FILE, load_release, save_release
+from twotower_train.release import (
+    CONFIG_FILE,
+    DENOISER_FILE,
+    FORMAT_VERSION,
+    load_release,
+    save_release,
+)
 from twotower_train.tiny_world import load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -62,7 +68,7 @@ def test_round_trip_is_exact_and_pickle_free(tmp_path: Path, family, settings) -
     files = [p.name for p in (tmp_path / "release").rglob("*") if p.is_file()]
     assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
     stored = json.loads((tmp_path / "release" / CONFIG_FILE).read_text())
-    assert stored.pop("format_version") == 2
+    assert stored.pop("format_version") == FORMAT_VERSION
     assert TwoTowerConfig.from_dict(stored) == model.config
     loaded, tok = load_release(tmp_path / "release")
     assert loaded.config == model.config
@@ -105,24 +111,50 @@ def test_release_errors(tmp_path: Path) -> None:
         load_release(path)
 
 
-def test_format_version_1_still_loads(tmp_path: Path) -> None:
-    """Releases written before TwoTowerConfig (format 1) keep loading."""
+# Formats 1-2 stored the denoiser's parts under their own names, not the HF model's.
+LEGACY_NAMES = {
+    "qwen3": {"model.model.embed_tokens.": "embed.", "model.model.layers.": "layers.",
+              "model.model.norm.": "norm.", "model.lm_head.": "head."},
+    "nemotron_h": {"model.model.embeddings.": "embed.", "model.model.layers.": "layers.",
+                   "model.model.norm_f.": "norm.", "model.lm_head.": "head."},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("version,family", [(1, "qwen3"), (2, "qwen3"), (2, "nemotron_h")])
+def test_older_formats_still_load(tmp_path: Path, version, family) -> None:
+    """Releases written before TwoTowerConfig (format 1) or before the denoiser was the HF
+    model itself (format 2) keep loading, to the same outputs."""
+    from safetensors.torch import load_file, save_file
+
     path = tmp_path / "release"
-    model = trained("qwen3", layers=2, tie_head=True)
+    settings = {"layers": 2, "tie_head": True}
+    if family == "nemotron_h":
+        settings = {"time_conditioning": True}
+    model = trained(family, **settings)
     save_release(model, load_tokenizer(), path)
-    v1 = {
-        "format_version": 1,
-        "block_size": 4,
-        "mask_token_id": MASK,
-        "denoiser_layers": 2,
-        "tie_denoiser_head": True,
-        "mamba_bidirectional": False,
-        "time_conditioning": False,
-        "context_dtype": None,
-        "attn_impl": "sdpa",
-        "shift_logits": True,
-    }
-    (path / CONFIG_FILE).write_text(json.dumps(v1))
+    state = load_file(str(path / DENOISER_FILE))
+    renames = LEGACY_NAMES[family]
+    old = {}
+    for key, value in state.items():
+        prefix = next((p for p in renames if key.startswith(p)), "")
+        old[renames.get(prefix, "") + key[len(prefix) :]] = value
+    assert all(not k.startswith("model.") for k in old)
+    save_file(old, str(path / DENOISER_FILE))
+    config = {"format_version": 2, **model.config.to_dict()}
+    if version == 1:
+        config = {
+            "format_version": 1,
+            "block_size": 4,
+            "mask_token_id": MASK,
+            "denoiser_layers": 2,
+            "tie_denoiser_head": True,
+            "mamba_bidirectional": False,
+            "time_conditioning": False,
+            "context_dtype": None,
+            "attn_impl": "sdpa",
+            "shift_logits": True,
+        }
+    (path / CONFIG_FILE).write_text(json.dumps(config))
     loaded, _ = load_release(path)
     assert loaded.config == model.config
     torch.testing.assert_close(outputs(loaded), outputs(model), rtol=0, atol=0)

@@ -21,8 +21,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from twotower_train.errors import first_line
 from twotower_train.model import TwoTowerConfig, TwoTowerModel
+from twotower_train.model.registry import is_norm
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+# Versions 1-2 stored the denoiser as loose parts (embed., layers.i., norm., head.); version 3
+# stores the HF model it is (model.<the family's own names>).
 # Version 1 (before TwoTowerConfig) named two settings differently and spelled dtypes as torch does.
 _V1_NAMES = {"denoiser_layers": "layers", "tie_denoiser_head": "tie_head"}
 _V1_DTYPES = {"bfloat16": "bf16", "float32": "fp32"}
@@ -77,10 +80,10 @@ def load_release(path: str | Path, dtype: torch.dtype = torch.float32, tokenizer
     if version == 1:
         values = {_V1_NAMES.get(k, k): v for k, v in values.items()}
         values["context_dtype"] = _V1_DTYPES.get(values.get("context_dtype"))
-    elif version != FORMAT_VERSION:
+    elif version not in (2, FORMAT_VERSION):
         raise ValueError(
             f"{path / CONFIG_FILE}: format version {version} is not supported "
-            f"(this version of twotower_train reads 1 and {FORMAT_VERSION})"
+            f"(this version of twotower_train reads 1 to {FORMAT_VERSION})"
         )
     config = TwoTowerConfig.from_dict(values)
     backbone = AutoModelForCausalLM.from_pretrained(path / "backbone", dtype=dtype)
@@ -89,6 +92,31 @@ def load_release(path: str | Path, dtype: torch.dtype = torch.float32, tokenizer
         state = load_file(str(path / DENOISER_FILE))
     except Exception as exc:
         raise ValueError(f"{path / DENOISER_FILE} is corrupt: {first_line(exc)}") from None
+    if version in (1, 2):
+        state = _legacy_denoiser_state(model, state)
     model.denoiser.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
     tok = AutoTokenizer.from_pretrained(path) if tokenizer else None
     return model.eval(), tok
+
+
+def _legacy_denoiser_state(model: TwoTowerModel, state: dict) -> dict:
+    """Denoiser weights of a version 1-2 release under today's names: ``embed.``,
+    ``layers.``, ``norm.``, ``head.`` become the paths of those modules in the HF model."""
+    denoiser = model.denoiser
+    names = {id(m): name for name, m in denoiser.named_modules()}
+    layers_path = names[id(denoiser.layers)]
+    parent = denoiser.get_submodule(layers_path.rpartition(".")[0])
+    norms = [m for m in parent.children() if is_norm(m)]
+    prefixes = {
+        "embed.": names[id(denoiser.embed)] + ".",
+        "head.": names[id(denoiser.head)] + ".",
+        "layers.": layers_path + ".",
+        "norm.": names[id(norms[-1])] + "." if norms else "norm.",
+    }
+    out = {}
+    for key, value in state.items():
+        if key.startswith("rotary."):
+            continue  # RoPE frequencies are buffers of the HF model, not weights
+        old = next((p for p in prefixes if key.startswith(p)), None)
+        out[prefixes[old] + key[len(old) :] if old else key] = value
+    return out

@@ -1,7 +1,7 @@
 """Two-tower block-diffusion model over a frozen HF causal LM (see docs/architecture.md).
 
 Files: ``two_tower.py`` (``TwoTowerModel``), ``towers.py`` (context / denoiser towers),
-``adapters/`` (one small file per HF family), ``attention.py`` (SDPA / FlexAttention),
+``registry.py`` (how the towers run an HF model: attention registry, Mamba mixers, probe), ``attention.py`` (SDPA / FlexAttention),
 ``masks.py`` (pure mask functions), ``mamba.py`` (SSD scan from explicit states),
 ``cache.py`` (what flows between the towers), ``time_conditioning.py`` (adaLN-single),
 ``config.py`` (``TwoTowerConfig``, the one settings object).

@@ -1,7 +1,8 @@
 """The attention kernel both towers call: SDPA with a boolean mask, or FlexAttention.
 
-Q/K/V come from the backbone family's own projections (see ``adapters``); this file only
-does the score/softmax/value part, so the two towers and the two mask paths share it.
+Q/K/V come from the backbone family's own code (handed over by transformers' attention
+registry, see ``registry.py``); this file only does the score/softmax/value part, so the
+two towers and the two mask paths share it.
 """
 
 from __future__ import annotations
@@ -22,17 +23,6 @@ except ImportError:  # pragma: no cover - old torch
 from .masks import block_causal_mask_mod
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE as in the HF Llama family: ``x [B, H, T, d]``, ``cos/sin [B|1, T, d]``."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return (x * cos) + (rotate_half(x) * sin)
-
-
 def flex_available() -> bool:
     return flex_attention is not None
 
@@ -42,7 +32,7 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _flex(q, k, v, block_mask, scale):
+def _flex(q, k, v, block_mask, scale, softcap=None):
     if q.device.type == "cuda":
         fn = _compiled_flex()
     else:
@@ -51,7 +41,21 @@ def _flex(q, k, v, block_mask, scale):
         fn = flex_attention
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-        return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+        score_mod = None
+        if softcap is not None:
+
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return softcap * torch.tanh(score / softcap)
+
+        return fn(
+            q,
+            k,
+            v,
+            score_mod=score_mod,
+            block_mask=block_mask,
+            scale=scale,
+            enable_gqa=k.shape[1] != q.shape[1],
+        )
 
 
 def denoiser_block_mask(
@@ -66,6 +70,18 @@ def denoiser_block_mask(
     return create_block_mask(mask_mod, batch, None, seq_len, 2 * seq_len, device=device)
 
 
+def window_block_mask(block_mask, mask_mod, allowed: torch.Tensor):
+    """``block_mask`` (built from ``mask_mod``) narrowed to ``allowed [Tq, Tk]`` (a sliding
+    window as a dense predicate over query / key indices)."""
+
+    def windowed(b, h, q_idx, kv_idx):
+        return mask_mod(b, h, q_idx, kv_idx) & allowed[q_idx, kv_idx]
+
+    batch = block_mask.kv_num_blocks.shape[0]
+    q_len, kv_len = block_mask.seq_lengths
+    return create_block_mask(windowed, batch, None, q_len, kv_len, device=allowed.device)
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -74,23 +90,48 @@ def attend(
     scale: float,
     mask=None,
     is_causal: bool = False,
+    softcap: float | None = None,
+    dropout: float = 0.0,
 ) -> torch.Tensor:
-    """``q [B, H, Tq, d]``, ``k/v [B, Hkv, Tk, d]`` -> ``[B, Tq, H * d]``.
+    """``q [B, H, Tq, d]``, ``k/v [B, Hkv, Tk, d]`` -> ``[B, Tq, H, d]``.
 
     ``mask``: None, a bool tensor broadcastable to ``[B, H, Tq, Tk]`` (True = attend, SDPA), or a
-    FlexAttention ``BlockMask``. GQA is handled by the kernels (no repeated K/V copies).
+    FlexAttention ``BlockMask``. ``softcap``: scores become ``softcap * tanh(s / softcap)``
+    (Gemma 2); ``dropout``: on the attention weights (SDPA path). GQA is handled by the
+    kernels (no repeated K/V copies) except on the soft-cap path.
     """
     if BlockMask is not None and isinstance(mask, BlockMask):
-        out = _flex(q, k, v, mask, scale)
+        if dropout:
+            raise ValueError("attention dropout is not supported with FlexAttention")
+        out = _flex(q, k, v, mask, scale, softcap)
+    elif softcap is not None:
+        out = _softcapped(q, k, v, scale, mask, is_causal, softcap, dropout)
     else:
         out = F.scaled_dot_product_attention(
             q,
             k,
             v,
             attn_mask=mask,
+            dropout_p=dropout,
             is_causal=is_causal and mask is None,
             scale=scale,
             enable_gqa=k.shape[1] != q.shape[1],
         )
-    batch, heads, length, dim = out.shape
-    return out.transpose(1, 2).reshape(batch, length, heads * dim)
+    return out.transpose(1, 2)
+
+
+def _softcapped(q, k, v, scale, mask, is_causal, softcap, dropout):
+    """Attention with soft-capped scores, written out (SDPA has no soft-cap)."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)).float() * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    if is_causal and mask is None:
+        tq, tk = scores.shape[-2:]
+        mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -torch.inf)
+    weights = torch.softmax(scores, dim=-1).to(v.dtype)
+    weights = F.dropout(weights, p=dropout, training=dropout > 0)
+    return weights @ v

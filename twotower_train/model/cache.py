@@ -81,7 +81,8 @@ class DenoiserContext:
     ``attn_mask``: over ``[S context keys ; T own keys]`` -- None (see everything: one block
     after its prefix), a bool tensor ``[B|1, 1, T, S+T]`` or a FlexAttention ``BlockMask``.
     ``docs [B, nb, K-1+bs]``: document ids of each block's conv window + tokens (-1 = none),
-    for the Mamba layers; None without documents.
+    for the Mamba layers; None without documents. ``mask_mod``: the FlexAttention predicate
+    ``attn_mask`` was built from (to narrow it to a layer's sliding window).
     """
 
     keys: dict[int, torch.Tensor]
@@ -90,6 +91,7 @@ class DenoiserContext:
     conv_windows: dict[int, torch.Tensor]
     ssm_init: dict[int, torch.Tensor]
     docs: torch.Tensor | None = None
+    mask_mod: object = None
 
     @classmethod
     def from_cache(cls, cache: ContextCache) -> DenoiserContext:

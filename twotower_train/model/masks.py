@@ -45,6 +45,27 @@ def block_document_ids(doc_ids: torch.Tensor, block_size: int) -> torch.Tensor:
     return starts.repeat_interleave(block_size, dim=1)[:, :length]
 
 
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """``doc_ids [B, L]`` -> each token's position inside its document ``[B, L]`` (what the
+    model sees at decoding, where a document starts at position 0). Documents are contiguous."""
+    batch, length = doc_ids.shape
+    pos = torch.arange(length, device=doc_ids.device).expand(batch, length)
+    new_doc = torch.ones_like(doc_ids, dtype=torch.bool)
+    new_doc[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    starts = torch.where(new_doc, pos, torch.zeros_like(pos)).cummax(dim=1).values
+    return pos - starts
+
+
+def block_document_positions(doc_ids: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Positions of the denoiser's tokens with documents: block n continues the document open
+    at its start (``block_document_ids``), so its tokens are numbered from that document's
+    start, past an EOS inside the block as at decoding. ``[B, L]``."""
+    batch, length = doc_ids.shape
+    first = document_positions(doc_ids)[:, ::block_size]  # [B, nb]: block start in its doc
+    offset = torch.arange(block_size, device=doc_ids.device)
+    return (first[:, :, None] + offset).reshape(batch, -1)[:, :length]
+
+
 def block_causal_mask_mod(
     seq_len: int, block_size: int, doc_ids: torch.Tensor | None = None
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:

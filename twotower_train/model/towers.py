@@ -1,32 +1,56 @@
 """The two towers: the frozen backbone read causally, and its trainable block denoiser.
 
-Both walk the backbone's layers as pre-norm residual sub-layers (``adapters.base``) and
-differ only in what an attention or Mamba sub-layer reads:
+Both are an unmodified HF causal LM running its own ``forward``; they differ only in what
+the attention registry and the Mamba mixers do during their call (``registry.py``):
 
 =========  ==========================================  ===========================================
 kind       ContextTower (clean, causal)                DenoiserTower (noisy, per block)
 =========  ==========================================  ===========================================
-attention  causal over cache + new tokens; returns     ``[context K/V ; own K/V]`` under the
-           K/V after RoPE                              block-causal mask (``masks.py``)
-mamba      one scan from the cached state; returns     each block scanned from the context state
+attention  causal over cache + new tokens; records     ``[context K/V ; own K/V]`` under the
+           K/V after the family's RoPE                 block-causal mask (``masks.py``)
+mamba      one scan from the cached state; records     each block scanned from the context state
            the state at every block boundary           at its start (``mamba.py``)
-ffn        the HF module                               the HF module (a trainable copy)
+rest       the HF modules                              the HF modules (a trainable copy)
 =========  ==========================================  ===========================================
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 from torch import nn
 
-from .adapters import ATTENTION, MAMBA, BackboneAdapter, adapter_for
-from .attention import attend
 from .cache import ContextCache, ContextOutputs, DenoiserContext
-from .mamba import mamba_mix, mamba_project
-from .masks import causal_mask, context_attention_mask
+from .masks import causal_mask, context_attention_mask, document_positions
+from .registry import (
+    ContextRun,
+    DenoiserRun,
+    hook_time_conditioning,
+    layer_list,
+    prepare_backbone,
+    running,
+)
 from .time_conditioning import AdaLNSingle
+
+
+def _hf_logits(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor, last_only: bool):
+    """The HF causal LM's own forward (no HF cache): fp32 logits ``[B, T|1, V]``."""
+    kwargs = {}
+    if last_only and "logits_to_keep" in _forward_params(type(model)):
+        kwargs["logits_to_keep"] = 1
+    logits = model(input_ids=ids, position_ids=positions, use_cache=False, **kwargs).logits
+    return (logits[:, -1:] if last_only else logits).float()
+
+
+_PARAMS: dict[type, frozenset[str]] = {}
+
+
+def _forward_params(cls: type) -> frozenset[str]:
+    if cls not in _PARAMS:
+        _PARAMS[cls] = frozenset(inspect.signature(cls.forward).parameters)
+    return _PARAMS[cls]
 
 
 class ContextTower(nn.Module):
@@ -35,22 +59,23 @@ class ContextTower(nn.Module):
     ``backbone`` is registered as a submodule and may be cast to another dtype (e.g. bf16).
     """
 
-    def __init__(self, backbone: nn.Module, adapter: BackboneAdapter) -> None:
+    def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
+        prepare_backbone(backbone)
         self.backbone = backbone
-        self.adapter = adapter
         self.backbone.requires_grad_(False)
         self.backbone.eval()
+        self.last_seen: set[int] = set()  # layers whose mixer ran through us (last call)
 
     @classmethod
     def of(cls, backbone: nn.Module) -> ContextTower:
         """The context tower of a plain HF causal LM (frozen in place), e.g. to decode it
         with ``generate.ar_generate``."""
-        return cls(backbone, adapter_for(backbone))
+        return cls(backbone)
 
     @property
-    def parts(self):
-        return self.adapter.parts(self.backbone)
+    def layers(self) -> nn.ModuleList:
+        return layer_list(self.backbone)[1]
 
     def context_extend(
         self,
@@ -85,113 +110,52 @@ class ContextTower(nn.Module):
     ) -> ContextOutputs:
         """Read ``ids [B, T]`` after ``cache`` (None = empty).
 
-        Returns logits ``[B, T, V]`` (``[B, 1, V]`` with ``last_only``), the extended cache and, with ``boundaries=True`` (only
-        from an empty cache, ``T`` a multiple of ``block_size``), each Mamba layer's conv/SSM
-        state at the start of every block. ``doc_ids [B, T]`` (empty cache only): no
-        attention / state across document boundaries.
+        Returns logits ``[B, T, V]`` (``[B, 1, V]`` with ``last_only``), the extended cache
+        and, with ``boundaries=True`` (only from an empty cache, ``T`` a multiple of
+        ``block_size``), each Mamba layer's conv/SSM state at the start of every block.
+        ``doc_ids [B, T]`` (empty cache only): no attention / state across document
+        boundaries.
         """
         cache = cache if cache is not None else ContextCache()
         past = cache.length
         if (boundaries or doc_ids is not None) and past:
             raise ValueError("boundaries / doc_ids need an empty cache")
-        parts, adapter = self.parts, self.adapter
         batch, length = ids.shape
-        h = parts.embed(ids)
-        positions = torch.arange(past, past + length, device=ids.device)[None]
-        rope = adapter.rope(parts.rotary, h, positions)
+        positions = torch.arange(past, past + length, device=ids.device)
         attn_mask = context_attention_mask(length, doc_ids)
         if attn_mask is None and past:
             attn_mask = causal_mask(length, past, device=ids.device)[None, None]
-
-        new = ContextCache(length=past + length)
-        conv_windows: dict[int, torch.Tensor] = {}
-        ssm_init: dict[int, torch.Tensor] = {}
-        for li, layer in enumerate(parts.layers):
-            for sub in adapter.sublayers(layer):
-                x = adapter.normalize(sub.norm, h)
-                if sub.kind == ATTENTION:
-                    q, k, v = adapter.qkv(sub.mixer, x, rope)
-                    if li in cache.keys:
-                        k = torch.cat([cache.keys[li], k], dim=2)
-                        v = torch.cat([cache.values[li], v], dim=2)
-                    new.keys[li], new.values[li] = k, v
-                    o = attend(
-                        q,
-                        k,
-                        v,
-                        scale=adapter.attention_scale(sub.mixer),
-                        mask=attn_mask,
-                        is_causal=True,
-                    )
-                    y = adapter.attention_out(sub.mixer, o)
-                elif sub.kind == MAMBA:
-                    y, new.conv[li], new.ssm[li], bounds = self._mamba(
-                        sub.mixer,
-                        x,
-                        cache.conv.get(li),
-                        cache.ssm.get(li),
-                        block_size,
-                        doc_ids,
-                        boundaries,
-                    )
-                    if boundaries:
-                        conv_windows[li], ssm_init[li] = bounds
-                else:
-                    y = sub.mixer(x)
-                h = h + y
-        if last_only:
-            h = h[:, -1:]
-        logits = adapter.logits(parts.head, parts.norm(h))
-        return ContextOutputs(logits, new, conv_windows, ssm_init)
-
-    @staticmethod
-    def _mamba(mixer, x, prefix, ssm_state, block_size, doc_ids, boundaries):
-        """Mamba sub-layer over ``x [B, T, D]`` from the cached conv ``prefix`` / ``ssm_state``.
-
-        Returns the output, the final conv and SSM state, and (``boundaries``) the states at
-        the start of every block: conv windows ``[B, nb, K-1, C]``, SSM ``[B, nb, H, P, N]``.
-        """
-        batch, length, _ = x.shape
-        K = mixer.conv_kernel_size
-        gate, xbc, dt = mamba_project(mixer, x)
-        if prefix is None:
-            prefix = xbc.new_zeros(batch, K - 1, xbc.shape[-1])
-        docs = None
-        if doc_ids is not None:
-            docs = torch.cat([doc_ids.new_full((batch, K - 1), -1), doc_ids], dim=1)
-        y, states = mamba_mix(
-            mixer,
-            gate,
-            xbc,
-            dt,
-            conv_prefix=prefix,
-            ssm_state=ssm_state,
-            chunk_size=block_size,
-            docs=docs,
+        run = ContextRun(
+            cache=cache,
+            new=ContextCache(length=past + length),
+            mask=attn_mask,
+            positions=positions,
+            block_size=block_size,
+            doc_ids=doc_ids,
+            boundaries=boundaries,
         )
-        rows = torch.cat([prefix.to(xbc.dtype), xbc], dim=1)  # [B, K-1+T, C] pre-conv
-        if not boundaries:
-            return y, rows[:, length:], states[:, -1], None
-        starts = torch.arange(0, length, block_size, device=x.device)
-        idx = starts[:, None] + torch.arange(K - 1, device=x.device)[None]  # [nb, K-1]
-        # Chunks are blocks (chunk_size = block_size), so the chunk-end states are the block
-        # boundaries: block n starts from the state after block n-1.
-        first = ssm_state if ssm_state is not None else states.new_zeros(states[:, 0].shape)
-        inits = torch.cat([first.float()[:, None], states[:, :-1]], dim=1)
-        return y, rows[:, length:], states[:, -1], (rows[:, idx], inits)
+        # RoPE reads relative distances only; absolute position embeddings (GPT-2) must see
+        # each document from position 0, as at decoding
+        hf_positions = positions[None].expand(batch, -1)
+        if doc_ids is not None:
+            hf_positions = document_positions(doc_ids)
+        with running(self.backbone, run):
+            logits = _hf_logits(self.backbone, ids, hf_positions, last_only)
+        self.last_seen = run.seen
+        return ContextOutputs(logits, run.new, run.conv_windows, run.ssm_init)
 
 
 class DenoiserTower(nn.Module):
-    """Trainable copy of the backbone's embedding, (top-k) layers, final norm and LM head.
+    """A trainable copy of the backbone (``self.model``, the HF causal LM: its embedding,
+    the top-k decoder layers, final norm and LM head).
 
-    Layer ``i`` is aligned with backbone layer ``layer_ids[i]``: its attention reads that
-    layer's context K/V, its Mamba mixer starts from that layer's context states.
+    Denoiser layer ``i`` is aligned with backbone layer ``layer_ids[i]``: its attention reads
+    that layer's context K/V, its Mamba mixer starts from that layer's context states.
     """
 
     def __init__(
         self,
         backbone: nn.Module,
-        adapter: BackboneAdapter,
         *,
         num_layers: int | None = None,
         tie_head: bool = False,
@@ -199,26 +163,42 @@ class DenoiserTower(nn.Module):
         time_conditioning: bool = False,
     ) -> None:
         super().__init__()
-        parts = adapter.parts(backbone)
-        total = len(parts.layers)
+        prepare_backbone(backbone)
+        path, layers = layer_list(backbone)
+        total = len(layers)
         k = total if num_layers is None else num_layers
         if not 1 <= k <= total:
             raise ValueError(f"denoiser.layers must be in [1, {total}], got {num_layers}")
-        self.adapter = adapter
         self.layer_ids = list(range(total - k, total))
-        self.embed = copy.deepcopy(parts.embed)
-        self.layers = nn.ModuleList(copy.deepcopy(parts.layers[i]) for i in self.layer_ids)
-        self.norm = copy.deepcopy(parts.norm)
-        self.head = copy.deepcopy(parts.head)
+        # copy only the top k layers: swap the list on the backbone for the copy
+        parent_path, _, attr = path.rpartition(".")
+        parent = backbone.get_submodule(parent_path)
+        setattr(parent, attr, nn.ModuleList(layers[i] for i in self.layer_ids))
+        try:
+            self.model = copy.deepcopy(backbone)
+        finally:
+            setattr(parent, attr, layers)
+        self._layers_path = path
         if tie_head:
             self.head.weight = self.embed.weight
-        self.rotary = copy.deepcopy(parts.rotary)
         self.mamba_bidirectional = mamba_bidirectional
         self.time_cond = None
         if time_conditioning:
-            n_sub = sum(adapter.num_sublayers(layer) for layer in self.layers)
-            self.time_cond = AdaLNSingle(self.embed.embedding_dim, n_sub)
+            n_norms = hook_time_conditioning(self.layers)
+            self.time_cond = AdaLNSingle(self.embed.embedding_dim, n_norms)
         self.requires_grad_(True)
+
+    @property
+    def embed(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    @property
+    def head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.get_submodule(self._layers_path)
 
     def forward(
         self,
@@ -228,90 +208,26 @@ class DenoiserTower(nn.Module):
         positions: torch.Tensor,
         block_size: int,
         t: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``noisy_ids [B, T]`` (``T = nb * bs``, blocks laid out in order) at absolute
-        ``positions [1|B, T]``; ``t [B, T]`` per-token timesteps (time conditioning only).
-        Returns logits ``[B, T, V]`` fp32."""
-        adapter = self.adapter
-        h = self.embed(noisy_ids)
-        rope = adapter.rope(self.rotary, h, positions)
+        ``positions [1, T]`` (for the masks); ``position_ids [B, T]``: what the model's own
+        position code reads (default ``positions``; document-relative with documents);
+        ``t [B, T]`` per-token timesteps (time conditioning only). Returns logits
+        ``[B, T, V]`` fp32."""
+        batch = noisy_ids.shape[0]
         shared = None
         if self.time_cond is not None and t is not None:
             shared = self.time_cond(t)
-        j = 0
-        for layer, li in zip(self.layers, self.layer_ids):
-            for sub in adapter.sublayers(layer):
-                x = adapter.normalize(sub.norm, h)
-                if shared is not None:
-                    x = self.time_cond.modulate(x, shared, j)
-                j += 1
-                if sub.kind == ATTENTION:
-                    q, k, v = adapter.qkv(sub.mixer, x, rope)
-                    if li in ctx.keys:
-                        k = torch.cat([ctx.keys[li].to(k.dtype), k], dim=2)
-                        v = torch.cat([ctx.values[li].to(v.dtype), v], dim=2)
-                    o = attend(
-                        q, k, v, scale=adapter.attention_scale(sub.mixer), mask=ctx.attn_mask
-                    )
-                    y = adapter.attention_out(sub.mixer, o)
-                elif sub.kind == MAMBA:
-                    y = self._mamba(sub.mixer, x, li, ctx, block_size)
-                else:
-                    y = sub.mixer(x)
-                h = h + y
-        return adapter.logits(self.head, self.norm(h))
-
-    def _mamba(self, mixer, x, li, ctx: DenoiserContext, block_size: int) -> torch.Tensor:
-        """Every block scanned on its own (``[B * nb, bs, ...]``) from its context state."""
-        batch, length, dim = x.shape
-        nb = length // block_size
-
-        def fold(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(batch * nb, block_size, t.shape[-1])
-
-        gate, xbc, dt = (fold(t) for t in mamba_project(mixer, x))
-        prefix = ctx.conv_windows.get(li)
-        if prefix is not None:
-            prefix = prefix.flatten(0, 1)
-        init = ctx.ssm_init.get(li)
-        if init is not None:
-            init = init.flatten(0, 1)
-        docs = ctx.docs.flatten(0, 1) if ctx.docs is not None else None
-        y, _ = mamba_mix(
-            mixer,
-            gate,
-            xbc,
-            dt,
-            conv_prefix=prefix,
-            ssm_state=init,
-            chunk_size=block_size,
-            docs=docs,
-            return_states=False,
+        run = DenoiserRun(
+            ctx=ctx,
+            positions=positions[0],
+            block_size=block_size,
+            time_cond=self.time_cond,
+            shared=shared,
+            mamba_bidirectional=self.mamba_bidirectional,
         )
-        if self.mamba_bidirectional:
-            # Right-to-left pass over the block with the same weights, from zero conv/SSM
-            # state (what lies "before" a reversed block is the unseen future); averaged with
-            # the context-seeded left-to-right pass.
-            rdocs = None
-            if docs is not None:
-                K = mixer.conv_kernel_size
-                rdocs = torch.cat(
-                    [
-                        docs[:, : K - 1].new_full((docs.shape[0], K - 1), -1),
-                        docs[:, K - 1 :].flip(1),
-                    ],
-                    dim=1,
-                )
-            y_rev, _ = mamba_mix(
-                mixer,
-                gate.flip(1),
-                xbc.flip(1),
-                dt.flip(1),
-                conv_prefix=None,
-                ssm_state=None,
-                chunk_size=block_size,
-                docs=rdocs,
-                return_states=False,
-            )
-            y = 0.5 * (y + y_rev.flip(1))
-        return y.reshape(batch, length, dim)
+        if position_ids is None:
+            position_ids = positions.expand(batch, -1)
+        with running(self.model, run):
+            return _hf_logits(self.model, noisy_ids, position_ids, False)

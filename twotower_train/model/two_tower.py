@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapters import adapter_for
 from .attention import denoiser_block_mask, flex_available
 from .cache import ContextCache, ContextOutputs, DenoiserContext
 from .config import AttnImpl, TwoTowerConfig
-from .masks import denoiser_attention_mask
+from .masks import block_causal_mask_mod, block_document_positions, denoiser_attention_mask
+from .registry import check_backbone
 from .time_conditioning import expand_timesteps
 from .towers import ContextTower, DenoiserTower
 
@@ -39,7 +39,9 @@ class TwoTowerModel(nn.Module):
     def from_backbone(
         cls, backbone: nn.Module, config: TwoTowerConfig | None = None, **overrides
     ) -> TwoTowerModel:
-        """Build from an HF causal LM (Llama, Qwen2, Qwen3, Nemotron-H).
+        """Build from an HF decoder-only causal LM whose attention goes through transformers'
+        attention registry (Llama, Qwen, Gemma, Nemotron-H, ...; see docs/architecture.md).
+        One the towers cannot serve is refused with ``UnsupportedBackbone`` (one line).
 
         ``config`` (default ``TwoTowerConfig()``) with ``overrides`` of its fields, e.g.
         ``from_backbone(backbone, block_size=4, mask_token_id=127)``; ``mask_token_id`` must
@@ -64,10 +66,8 @@ class TwoTowerModel(nn.Module):
             raise ValueError(
                 f"mask_token_id {config.mask_token_id} outside the vocabulary (size {vocab})"
             )
-        adapter = adapter_for(backbone)
         denoiser = DenoiserTower(
             backbone,
-            adapter,
             num_layers=config.layers,
             tie_head=config.tie_head,
             mamba_bidirectional=config.mamba_bidirectional,
@@ -75,7 +75,9 @@ class TwoTowerModel(nn.Module):
         )
         if config.context_dtype is not None:
             backbone.to(config.context_dtype.torch)
-        return cls(ContextTower(backbone, adapter), denoiser, config)
+        model = cls(ContextTower(backbone), denoiser, config)
+        check_backbone(model)
+        return model
 
     @classmethod
     def from_release(cls, path, dtype: torch.dtype = torch.float32) -> TwoTowerModel:
@@ -149,8 +151,10 @@ class TwoTowerModel(nn.Module):
         bs = self.block_size
         if ctx_out.cache.length != length:
             raise ValueError("noisy_ids and clean_ids must have the same length")
+        mask_mod = None
         if self._use_flex(noisy_ids.device):
             mask = denoiser_block_mask(length, bs, doc_ids, noisy_ids.device)
+            mask_mod = block_causal_mask_mod(length, bs, doc_ids)
         else:
             mask = denoiser_attention_mask(length, bs, doc_ids, device=noisy_ids.device)
         ctx = DenoiserContext(
@@ -162,10 +166,14 @@ class TwoTowerModel(nn.Module):
             docs=self._block_docs(doc_ids, length)
             if doc_ids is not None and ctx_out.ssm_init
             else None,
+            mask_mod=mask_mod,
         )
         positions = torch.arange(length, device=noisy_ids.device)[None]
+        position_ids = None if doc_ids is None else block_document_positions(doc_ids, bs)
         t_tok = None if t is None else expand_timesteps(t, batch, length, bs)
-        logits = self.denoiser(noisy_ids, ctx, positions=positions, block_size=bs, t=t_tok)
+        logits = self.denoiser(
+            noisy_ids, ctx, positions=positions, block_size=bs, t=t_tok, position_ids=position_ids
+        )
         if not self.config.shift_logits:
             return logits
         # Block n's first position reads the context tower at position n*bs - 1.
