@@ -132,6 +132,57 @@ def test_nemotron_h_two_tower_end_to_end(tmp_path: Path) -> None:
     assert any("val_masked_acc" in r for r in records)
 
 
+def scratch(model_type: str, *extra: str) -> list[str]:
+    """A random two-tower run on a scratch backbone of ``model_type`` (no code of ours knows
+    the family)."""
+    return [
+        "recipe=tiny",
+        f"backbone.name_or_path=tiny_{model_type}",
+        "backbone.init=scratch",
+        f"+backbone.config.model_type={model_type}",
+        "+backbone.config.hidden_size=32",
+        "+backbone.config.num_hidden_layers=2",
+        "+backbone.config.num_attention_heads=4",
+        "+backbone.config.num_key_value_heads=2",
+        "+backbone.config.intermediate_size=64",
+        "+backbone.config.head_dim=8",
+        *extra,
+        "data.seq_len=32",
+        "data.val_sequences=8",
+        "train.micro_batch_size=4",
+        "train.steps=2",
+        "train.log_every=1",
+        "train.eval_at_end=false",
+        "optim.warmup_steps=1",
+    ]
+
+
+def test_a_family_without_code_here_trains_and_a_refused_one_says_why(tmp_path: Path) -> None:
+    """Gemma3 (sliding-window + global layers, post-norms) trains from the command line with
+    no family-specific code; gpt-oss (attention sinks) is refused in one line, exit 2."""
+    run = tmp_path / "gemma"
+    proc = run_cli(
+        scratch(
+            "gemma3_text",
+            "+backbone.config.sliding_window=8",
+            "+backbone.config.layer_types=[sliding_attention,full_attention]",
+            f"run.dir={run}",
+        )
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    steps = [r for r in read_metrics(run) if "ce" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+    proc = run_cli(
+        scratch("gpt_oss", "+backbone.config.num_local_experts=4", f"run.dir={tmp_path / 'oss'}")
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("twotower_train: error: backbone model_type 'gpt_oss' not supported")
+    assert "'s_aux'" in lines[-1]
+    assert not (tmp_path / "oss" / "checkpoints").exists()
+
+
 @pytest.mark.parametrize(
     "override",
     [

@@ -118,8 +118,12 @@ def registry_config(model_type: str, **overrides):
     ``FAMILY_OVERRIDES``; keyword overrides win)."""
     from transformers import CONFIG_MAPPING
 
-    kwargs = {**TINY_SIZES, **FAMILY_OVERRIDES.get(model_type, {}), **overrides}
-    return CONFIG_MAPPING[model_type](**kwargs)
+    cls = CONFIG_MAPPING[model_type]
+    default = cls()
+    # only what the family's config knows (a stray ``sliding_window`` would be read by the
+    # attention layers of some families without being in their masks)
+    sizes = {k: v for k, v in TINY_SIZES.items() if hasattr(default, k)}
+    return cls(**{**sizes, **FAMILY_OVERRIDES.get(model_type, {}), **overrides})
 
 
 def registry_backbone(model_type: str, seed: int = 0, max_params: float = 8e6):

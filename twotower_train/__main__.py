@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(exc))
     from twotower_train.backbones import BackboneError
     from twotower_train.engine.checkpoint import CheckpointError
+    from twotower_train.model.registry import UnsupportedBackbone
 
     try:
         if cfg.mode == Mode.train:
@@ -37,7 +38,14 @@ def main(argv: list[str] | None = None) -> int:
             from twotower_train.eval.harness import evaluate_run
 
             evaluate_run(cfg)
-    except (ConfigError, BackboneError, CheckpointError, FileNotFoundError, ValueError) as exc:
+    except (
+        ConfigError,
+        BackboneError,
+        CheckpointError,
+        UnsupportedBackbone,
+        FileNotFoundError,
+        ValueError,
+    ) as exc:
         fail(str(exc))
     return 0
 

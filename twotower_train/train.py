@@ -104,7 +104,10 @@ class Run:
         model = copy.deepcopy(self.template)
         missing, unexpected = model.load_state_dict(state, strict=False)
         frozen = {k for k, p in model.named_parameters() if not p.requires_grad}
-        if unexpected or set(missing) - frozen - _buffers(model):
+        # tied weights (a head tied to the embedding) are loaded under their first name
+        tied = {k for k, _ in model.named_parameters(remove_duplicate=False)}
+        tied -= {k for k, _ in model.named_parameters()}
+        if unexpected or set(missing) - frozen - tied - _buffers(model):
             raise RuntimeError(f"trained state does not fit the model: {unexpected or missing}")
         return model.eval()
 
