@@ -4,6 +4,7 @@ families end to end, exact resume of the random masking."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -178,7 +179,9 @@ def test_a_family_without_code_here_trains_and_a_refused_one_says_why(tmp_path: 
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith("twotower_train: error: backbone model_type 'gpt_oss' not supported")
+    assert lines[-1].startswith(
+        "twotower_train: error: backbone model_type 'gpt_oss' not supported"
+    )
     assert "'s_aux'" in lines[-1]
     assert not (tmp_path / "oss" / "checkpoints").exists()
 
@@ -266,3 +269,19 @@ def test_bench_levers_times_every_lever(capsys) -> None:
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["bench"] == "levers" and result["base"]["ratio"] == 1.0
     assert {"complementary", "suffix_prob=0.5", "block 4 (curriculum stage)"} <= set(result)
+
+
+def test_bench_compare_against_a_git_ref(capsys) -> None:
+    """`bench compare` extracts a ref's package, imports it beside this one and times both on
+    the same inputs; a ref that does not exist is one line, exit 2."""
+    from twotower_train import bench
+
+    small = ["--steps", "1", "--rounds", "1", "--calls", "1", "--batch", "2", "--seq-len", "32"]
+    assert bench.main(["compare", "--ref", "HEAD", *small]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["bench"] == "compare" and result["train_ratio"] > 0
+    assert set(result["decode_ms"]) == {"prefill 24", "AR step", "denoiser block", "context chunk"}
+    assert not any(m.startswith("twotower_train_ref") for m in sys.modules)
+    assert bench.main(["compare", "--ref", "no-such-ref-x", *small]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("twotower_train.bench: error: cannot extract twotower_train/")

@@ -51,6 +51,13 @@ TINY_SIZES = dict(
     ffn_dim=96,
     n_inner=96,
     sliding_window=6,
+    # multi-head latent attention (DeepSeek-V2/V3, MiniCPM3) and partial rotary (GPT-J)
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=16,
+    kv_lora_rank=16,
+    q_lora_rank=32,
+    rotary_dim=8,
 )
 # Per-family settings on top of TINY_SIZES (e.g. a layer pattern that shows every kind).
 FAMILY_OVERRIDES = {

@@ -1,6 +1,6 @@
-"""`python -m twotower_train [recipe=NAME] [key=value ...]`.
+"""`python -m twotower_train [--help] [--info] [--cfg job|all [--resolve]] [-m] [recipe=NAME] [key=value ...]`.
 
-With no arguments it runs the embedded default recipe (`recipe=tiny`).
+With no arguments it runs the embedded default recipe (`recipe=tiny`); flags: `cli.py`.
 """
 
 from __future__ import annotations
@@ -10,20 +10,28 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in args):
-        print(__doc__.strip())
-        print("Recipes: recipes/*.yaml; config groups: conf/; every key: twotower_train/config.py")
-        return 0
-    bad = [a for a in args if "=" not in a]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from twotower_train import cli
     from twotower_train.config import ConfigError, Mode, compose, fail
 
-    if bad:
-        fail(f"arguments must be key=value overrides, got: {' '.join(bad)}")
     try:
-        cfg = compose(args)
-    except ConfigError as exc:
+        args = cli.parse(sys.argv[1:] if argv is None else argv)
+    except ValueError as exc:
+        fail(str(exc))
+    if args.help:
+        print(cli.help_text())
+        return 0
+    if args.info:
+        print(cli.info_text())
+        return 0
+    try:
+        if args.cfg is not None:
+            print(cli.config_text(args.overrides, args.cfg, args.resolve), end="")
+            return 0
+        if args.multirun:
+            return cli.multirun(args.overrides)
+        cfg = compose(args.overrides)
+    except (ConfigError, ValueError) as exc:
         fail(str(exc))
     from twotower_train.backbones import BackboneError
     from twotower_train.engine.checkpoint import CheckpointError

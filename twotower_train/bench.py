@@ -326,6 +326,19 @@ def run_decode(args: argparse.Namespace) -> dict:
     return run(args)
 
 
+def add_compare_args(p: argparse.ArgumentParser) -> None:
+    from twotower_train.bench_compare import add_args
+
+    add_args(p)
+
+
+def run_compare(args: argparse.Namespace) -> dict:
+    """This checkout against a git ref, in one process (twotower_train/bench_compare.py)."""
+    from twotower_train.bench_compare import run
+
+    return run(args)
+
+
 # ---------------------------------------------------------------------------------------
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
@@ -333,6 +346,11 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "doc-mask": ("step time with and without document masking", add_doc_mask_args, run_doc_mask),
     "levers": ("step time of each training lever (docs/objective.md)", add_levers_args, run_levers),
     "decode": ("AR vs block-diffusion decoding tokens/s", add_decode_args, run_decode),
+    "compare": (
+        "this checkout vs a git ref in one process: training step, decoding forwards",
+        add_compare_args,
+        run_compare,
+    ),
 }
 
 
@@ -350,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = args.run(args)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"twotower_train.bench: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps({"bench": args.command, **result}))

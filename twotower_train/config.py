@@ -426,6 +426,27 @@ def compose(overrides: list[str]) -> Config:
     return validate(raw, recipe)
 
 
+def hydra_section(overrides: list[str]) -> dict:
+    """The ``hydra:`` section Hydra composes for these overrides (``--cfg all``), unresolved."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
+
+    if not any(ov.startswith("recipe=") for ov in overrides):
+        overrides = [f"recipe={DEFAULT_RECIPE}", *overrides]
+    ConfigStore.instance().store(name="schema", node=Config)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            raw = hydra_compose(
+                config_name="config", overrides=list(overrides), return_hydra_config=True
+            )
+    finally:
+        GlobalHydra.instance().clear()
+    return OmegaConf.to_container(raw.hydra, resolve=False)
+
+
 def validate(raw: DictConfig, recipe: str) -> Config:
     """Merge a composed config into the schema; refuse unknown keys and bad values."""
     OmegaConf.set_struct(raw, False)

@@ -69,16 +69,20 @@ class UnsupportedBackbone(NotImplementedError):
 
 
 def register() -> None:
-    """Register the ``"twotower"`` attention function with transformers (idempotent)."""
+    """Register the ``"twotower"`` attention function with transformers."""
     from transformers import AttentionInterface
 
-    if ATTN_IMPL not in AttentionInterface._global_mapping:
-        AttentionInterface.register(ATTN_IMPL, twotower_attention)
+    AttentionInterface.register(ATTN_IMPL, twotower_attention)
 
 
 @contextmanager
 def running(model: nn.Module, run):
     """Run ``model`` (an HF model) as a tower: ``run`` active, attention routed to us."""
+    from transformers import AttentionInterface
+
+    # (re)registered on every call: another copy of this package in the process (``bench
+    # compare``) registers its own function under the same name
+    AttentionInterface._global_mapping[ATTN_IMPL] = twotower_attention
     config = model.config
     previous = config._attn_implementation
     token = _RUN.set(run)
@@ -476,6 +480,9 @@ def check_backbone(model) -> None:
     try:
         with _quiet_transformers():
             expected = backbone(clean, use_cache=False).logits.float()
+    except Exception as exc:
+        raise fail(f"its own forward fails ({type(exc).__name__}: {_first_line(exc)})") from None
+    try:
         ours = model.context(clean, block_size=bs).logits
         run_seen = model.context.last_seen
         cache, first = model.context_extend(None, clean[:, :bs])

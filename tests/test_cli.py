@@ -1,0 +1,69 @@
+"""The Hydra-style command line: --help, --info, --cfg job|all [--resolve], -m sweeps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from conftest import TINY, run_cli
+
+
+def test_help_lists_groups_options_and_recipes() -> None:
+    proc = run_cli(["--help"])
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.startswith("usage: python -m twotower_train")
+    assert "  diffusion: " in out and "mdlm" in out and "  deepspeed: " in out
+    assert "  tiny_full " in out and "  tiny_nemotron_h " in out
+    assert "recipe" not in [line.split(":")[0].strip() for line in out.splitlines()]
+
+
+def test_info() -> None:
+    proc = run_cli(["--info"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("twotower_train ") and "config dir:" in proc.stdout
+
+
+def test_cfg_job_prints_the_composed_validated_config() -> None:
+    proc = run_cli(["recipe=tiny_full", "--cfg", "job", "train.steps=7"])
+    assert proc.returncode == 0, proc.stderr
+    cfg = yaml.safe_load(proc.stdout)
+    assert cfg["recipe"] == "tiny_full" and cfg["train"]["steps"] == 7
+    assert cfg["data"]["seq_len"] == 128 and "hydra" not in cfg
+    resolved = run_cli(["recipe=tiny_full", "--cfg=job", "--resolve"])
+    assert resolved.returncode == 0 and yaml.safe_load(resolved.stdout)["train"]["steps"] == 3000
+    full = run_cli(["--cfg", "all"])
+    assert full.returncode == 0, full.stderr
+    both = yaml.safe_load(full.stdout)
+    assert both["recipe"] == "tiny" and "run" in both["hydra"] and "sweep" in both["hydra"]
+
+
+def test_cli_errors_are_one_line() -> None:
+    for args, message in [
+        (["--cfg", "job", "train.nope=1"], "unknown config key 'train.nope'"),
+        (["--cfg", "yaml"], "--cfg takes job or all"),
+        (["--resolve"], "--resolve goes with --cfg"),
+        (["train"], "arguments must be key=value overrides or flags"),
+        (["-m", "train.steps=[1"], "bad sweep override"),
+    ]:
+        proc = run_cli(args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (args, lines)
+
+
+def test_multirun_sweeps_each_job_in_its_own_dir(tmp_path: Path) -> None:
+    root = tmp_path / "sweep"
+    proc = run_cli(["-m", *TINY, "train.steps=1,2", f"run.dir={root}"], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for n, steps in enumerate([1, 2]):
+        cfg = yaml.safe_load((root / str(n) / "config.yaml").read_text())
+        assert cfg["train"]["steps"] == steps and cfg["run"]["dir"] == str(root / str(n))
+        assert (root / str(n) / "metrics.jsonl").is_file()
+    record = yaml.safe_load((root / "multirun.yaml").read_text())
+    assert [j["returncode"] for j in record["jobs"]] == [0, 0]
+    # a sweep with one invalid job is refused before any job runs
+    bad = tmp_path / "bad"
+    proc = run_cli(["-m", *TINY, "train.steps=1,0", f"run.dir={bad}"])
+    assert proc.returncode == 2 and "train.steps must be > 0" in proc.stderr
+    assert not bad.exists()
