@@ -69,7 +69,14 @@ def test_round_trip_is_exact_and_pickle_free(tmp_path: Path, family, settings) -
     assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
     stored = json.loads((tmp_path / "release" / CONFIG_FILE).read_text())
     assert stored.pop("format_version") == FORMAT_VERSION
+    reference = stored.pop("backbone")
+    assert set(reference["sha256"]) == {"model.safetensors"}
     assert TwoTowerConfig.from_dict(stored) == model.config
+    card = (tmp_path / "release" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: twotower_train\n")
+    for section in ("## Backbone", "## Training", "## Results", "## Use", "## Limitations"):
+        assert section in card
+    assert reference["sha256"]["model.safetensors"] in card
     loaded, tok = load_release(tmp_path / "release")
     assert loaded.config == model.config
     assert tok.mask_token_id == MASK and tok.encode("add 1 2 =") == tokenizer.encode("add 1 2 =")
@@ -158,6 +165,22 @@ def test_older_formats_still_load(tmp_path: Path, version, family) -> None:
     loaded, _ = load_release(path)
     assert loaded.config == model.config
     torch.testing.assert_close(outputs(loaded), outputs(model), rtol=0, atol=0)
+
+
+def test_a_different_backbone_is_refused(tmp_path: Path) -> None:
+    """The release pins its backbone by sha256; a swapped weight file is one clear line."""
+    path = tmp_path / "release"
+    save_release(trained(), load_tokenizer(), path)
+    other = tiny_backbone("llama", seed=1, vocab_size=2048)
+    other.save_pretrained(tmp_path / "other", safe_serialization=True)
+    (path / "backbone" / "model.safetensors").write_bytes(
+        (tmp_path / "other" / "model.safetensors").read_bytes()
+    )
+    with pytest.raises(ValueError, match="sha256 does not match the release's backbone reference"):
+        load_release(path)
+    (path / "backbone" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="backbone/model.safetensors is missing"):
+        load_release(path)
 
 
 def test_a_failed_save_leaves_the_old_release(tmp_path: Path, monkeypatch) -> None:
@@ -250,3 +273,48 @@ def test_lm_eval_command_line_on_a_release(release, tmp_path: Path) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tiny_world_mc" in proc.stdout
+
+
+def test_generate_command_line_decodes_what_the_model_did_before_export(release) -> None:
+    """`python -m twotower_train.generate RELEASE PROMPT...` (and prompts on stdin): the tokens
+    the model generated before export, and the decode stats."""
+    import subprocess
+
+    from twotower_train.generate import DecodeConfig, diffusion_generate
+
+    path, model = release
+    tokenizer = load_tokenizer()
+    prompts = ["add 12 34 =", "copy a b c ="]
+    cfg = DecodeConfig(max_new_tokens=8)
+    with torch.no_grad():
+        before, _ = diffusion_generate(
+            model, [tokenizer.encode(p) for p in prompts], cfg, tokenizer.eos_token_id
+        )
+    cmd = [sys.executable, "-m", "twotower_train.generate", str(path), "--max-new-tokens", "8"]
+    proc = subprocess.run(
+        [*cmd, "--json", *prompts], env=subprocess_env(), capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert [row["tokens"] for row in lines[:-1]] == before
+    assert lines[-1]["stats"]["new_tokens"] > 0 and lines[-1]["stats"]["sequences"] == 2
+    piped = subprocess.run(
+        [*cmd, "--verify"],
+        input="\n".join(prompts) + "\n",
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert piped.returncode == 0, piped.stderr[-2000:]
+    assert len(piped.stdout.splitlines()) == 2 and "[verified]" in piped.stderr
+    missing = subprocess.run(
+        [*cmd[:3], str(path.parent / "nope"), "x"],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [
+        f"twotower_train.generate: error: {path.parent / 'nope'} is not a two-tower release: "
+        "twotower_config.json is missing"
+    ]

@@ -575,3 +575,78 @@ def ar_generate(
             chunk = ids[:, None]
     _sync(device)
     return outputs, stats.finish(time.perf_counter() - t0, ar=True)
+
+
+# -- command line ---------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m twotower_train.generate RELEASE [PROMPT ...]``: continuations of the
+    prompts (or of each line of stdin) from a released two-tower model, and the decode stats
+    (stderr, or in each JSON line with ``--json``)."""
+    import argparse
+    import json
+    import sys
+
+    p = argparse.ArgumentParser(
+        prog="python -m twotower_train.generate", description=main.__doc__.split("\n")[0]
+    )
+    p.add_argument("release", help="a released two-tower model folder")
+    p.add_argument("prompts", nargs="*", help="prompts (none: one per line of stdin)")
+    p.add_argument("--threshold", type=float, default=DecodeConfig.threshold)
+    p.add_argument("--max-new-tokens", type=int, default=DecodeConfig.max_new_tokens)
+    p.add_argument("--order", choices=ORDERS, default=DecodeConfig.order)
+    p.add_argument("--verify", action="store_true", help="lossless: the backbone verifies")
+    p.add_argument("--ar", action="store_true", help="decode with the backbone (AR) instead")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    args = p.parse_intermixed_args(argv)
+
+    from twotower_train.release import load_release
+
+    prompts = args.prompts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    cfg = DecodeConfig(
+        threshold=args.threshold,
+        max_new_tokens=args.max_new_tokens,
+        order=args.order,
+        verify=args.verify,
+    )
+    try:
+        if not prompts:
+            raise ValueError("no prompts (give them as arguments or one per line on stdin)")
+        cfg.validate()
+        model, tokenizer = load_release(args.release)
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        print(
+            f"twotower_train.generate: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr
+        )
+        return 2
+    ids = [tokenizer.encode(text) for text in prompts]
+    with torch.no_grad():
+        if args.ar:
+            outs, stats = ar_generate(model, ids, cfg, tokenizer.eos_token_id)
+        else:
+            outs, stats = diffusion_generate(model, ids, cfg, tokenizer.eos_token_id)
+    for prompt, out in zip(prompts, outs):
+        text = tokenizer.decode(out)
+        if args.json:
+            print(json.dumps({"prompt": prompt, "continuation": text, "tokens": out}))
+        else:
+            print(text)
+    mode = "AR" if args.ar else ("verified" if args.verify else f"diffusion γ {args.threshold}")
+    summary = {
+        "decoder": mode,
+        **{k: round(v, 3) if isinstance(v, float) else v for k, v in stats.to_dict().items()},
+    }
+    if args.json:
+        print(json.dumps({"stats": summary}))
+    else:
+        print(
+            f"[{mode}] {stats.new_tokens} tokens, {stats.tokens_per_forward:.2f} per forward, "
+            f"{stats.tokens_per_s:.1f} tokens/s",
+            file=sys.stderr,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -53,6 +53,10 @@ class MetricsLogger:
         if cfg.backend == LoggerBackend.wandb:
             self.wandb = _start_wandb(cfg, run_dir, run_config or {})
 
+    def wandb_url(self) -> str | None:
+        """The W&B run's page (None without W&B or offline)."""
+        return getattr(self.wandb, "url", None) if self.wandb is not None else None
+
     def log(self, step: int, metrics: dict[str, Any], console: bool = True) -> None:
         if not self.enabled:
             return

@@ -62,7 +62,9 @@ class CausalLMObjective(nn.Module):
         """Held-out metrics beyond the validation loss (none for a backbone)."""
         return {}
 
-    def export(self, model: nn.Module, tokenizer, out_dir: Path, dtype=None) -> Path:
+    def export(
+        self, model: nn.Module, tokenizer, out_dir: Path, dtype=None, run_info: dict | None = None
+    ) -> Path:
         """The trained backbone as a Hugging Face folder (safetensors + tokenizer)."""
         if dtype is not None:
             model = model.to(dtype)
@@ -259,8 +261,10 @@ class TwoTowerObjective(nn.Module):
         report = evaluate(model, tokenizer, cfg, out_dir, logger, step)
         return {"retained": report["retained"]}
 
-    def export(self, model: nn.Module, tokenizer, out_dir: Path, dtype=None) -> Path:
-        """The released model folder (``release.py``)."""
+    def export(
+        self, model: nn.Module, tokenizer, out_dir: Path, dtype=None, run_info: dict | None = None
+    ) -> Path:
+        """The released model folder (``release.py``; ``run_info`` feeds its model card)."""
         from twotower_train.release import save_release
 
-        return save_release(model, tokenizer, out_dir, dtype=dtype)
+        return save_release(model, tokenizer, out_dir, dtype=dtype, run_info=run_info)

@@ -1,9 +1,12 @@
 """A released two-tower model: one folder, safetensors only, that rebuilds the model.
 
     release/
+        README.md                  the model card (what, backbone, training, results, usage)
         backbone/                  the frozen context tower (HF save_pretrained, safetensors)
         denoiser.safetensors       every trainable weight (the denoiser tower)
-        twotower_config.json       the model's TwoTowerConfig + format version
+        twotower_config.json       the model's TwoTowerConfig + format version + the backbone
+                                   reference (name, revision, sha256 of each weight file)
+        retained_vs_tokens_per_forward.png   the harness's plot, when the run evaluated
         tokenizer files            (tokenizer.json, tokenizer_config.json, ...)
 
 `load_release(path)` / `TwoTowerModel.from_release(path)` read it back without pickle.
@@ -11,6 +14,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -33,13 +37,18 @@ CONFIG_FILE = "twotower_config.json"
 DENOISER_FILE = "denoiser.safetensors"
 
 
-def save_release(model: TwoTowerModel, tokenizer, out_dir: Path, dtype=None) -> Path:
+def save_release(
+    model: TwoTowerModel, tokenizer, out_dir: Path, dtype=None, run_info: dict | None = None
+) -> Path:
     """Write ``model`` (and its tokenizer) into ``out_dir``, replacing a release there.
 
     Written into a sibling temporary folder first and renamed into place, so an
     interrupted export never leaves a half-written release. ``dtype`` casts the stored
-    denoiser weights (e.g. bf16 for a bf16-trained run)."""
+    denoiser weights (e.g. bf16 for a bf16-trained run). ``run_info`` (from a training run:
+    ``backbone``, ``revision``, ``config``, ``report``, ``plot``, ``wandb_url``) feeds the
+    backbone reference and the model card."""
     out_dir = Path(out_dir)
+    run_info = run_info or {}
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -53,12 +62,35 @@ def save_release(model: TwoTowerModel, tokenizer, out_dir: Path, dtype=None) -> 
     model.backbone.save_pretrained(tmp / "backbone", safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    config = {"format_version": FORMAT_VERSION, **model.config.to_dict()}
+    backbone = {
+        "name_or_path": run_info.get("backbone") or model.backbone.config.name_or_path or None,
+        "revision": run_info.get("revision"),
+        "sha256": _weight_hashes(tmp / "backbone"),
+    }
+    config = {"format_version": FORMAT_VERSION, **model.config.to_dict(), "backbone": backbone}
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    if run_info.get("plot") and Path(run_info["plot"]).is_file():
+        shutil.copy(run_info["plot"], tmp / Path(run_info["plot"]).name)
+    from twotower_train.model_card import model_card
+
+    (tmp / "README.md").write_text(model_card(model, backbone, run_info))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
+
+
+def _weight_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of each weight file of a saved HF model folder."""
+    return {p.name: _sha256(p) for p in sorted(folder.glob("*.safetensors"))}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def is_release(path: str | Path) -> bool:
@@ -77,6 +109,7 @@ def load_release(path: str | Path, dtype: torch.dtype = torch.float32, tokenizer
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path / CONFIG_FILE} is corrupt: {exc}") from None
     version = values.pop("format_version", None)
+    reference = values.pop("backbone", None)
     if version == 1:
         values = {_V1_NAMES.get(k, k): v for k, v in values.items()}
         values["context_dtype"] = _V1_DTYPES.get(values.get("context_dtype"))
@@ -86,6 +119,18 @@ def load_release(path: str | Path, dtype: torch.dtype = torch.float32, tokenizer
             f"(this version of twotower_train reads 1 to {FORMAT_VERSION})"
         )
     config = TwoTowerConfig.from_dict(values)
+    if reference and reference.get("sha256"):
+        for name, expected in reference["sha256"].items():
+            weights = path / "backbone" / name
+            if not weights.is_file():
+                raise FileNotFoundError(
+                    f"{path} is not a two-tower release: backbone/{name} is missing"
+                )
+            if _sha256(weights) != expected:
+                raise ValueError(
+                    f"{weights}: sha256 does not match the release's backbone reference "
+                    f"(trained from {reference.get('name_or_path')!r}); refusing a different backbone"
+                )
     backbone = AutoModelForCausalLM.from_pretrained(path / "backbone", dtype=dtype)
     model = TwoTowerModel.from_backbone(backbone, config)
     try:

@@ -363,8 +363,26 @@ def _export(run: Run) -> None:
         out = run.run_dir / ("hf" if cfg.train.objective == Objective.ar else "release")
         # bf16-trained weights are stored in bf16
         dtype = torch.bfloat16 if cfg.precision.dtype == DType.bf16 else None
-        run.objective.export(model, run.tokenizer, out, dtype=dtype)
+        run.objective.export(model, run.tokenizer, out, dtype=dtype, run_info=_run_info(run))
         info(f"exported the trained model to {out}")
+
+
+def _run_info(run: Run) -> dict:
+    """What a release's model card and backbone reference say about the run."""
+    from omegaconf import OmegaConf
+
+    cfg = run.cfg
+    evaluated = run.run_dir / "eval"
+    return {
+        "backbone": cfg.backbone.name_or_path,
+        "revision": cfg.backbone.revision,
+        "config": OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True),
+        "steps": run.step,
+        "tokens": run.step * run.tokens_per_step,
+        "report": evaluated / "report.json",
+        "plot": evaluated / "retained_vs_tokens_per_forward.png",
+        "wandb_url": run.logger.wandb_url(),
+    }
 
 
 @torch.no_grad()
