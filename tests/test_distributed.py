@@ -51,6 +51,15 @@ def test_two_tower_on_two_ranks_zero3_resumes_exactly_and_releases(tmp_path: Pat
         torch.testing.assert_close(b.denoiser.state_dict()[name], p, rtol=0, atol=1e-6)
     fresh = b.denoiser.embed.weight
     assert fresh.numel() > 0 and torch.isfinite(fresh).all()
+    # mode=release on ONE process from the 2-rank ZeRO-3 checkpoint: the same weights
+    from conftest import run_cli
+
+    (split / "release").rename(tmp_path / "split_end")
+    proc = run_cli([*TWO_TOWER, "mode=release", f"run.dir={split}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    c, _ = load_release(split / "release")
+    for name, p in b.denoiser.state_dict().items():
+        torch.testing.assert_close(c.denoiser.state_dict()[name], p, rtol=0, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -66,3 +75,26 @@ def test_grad_accumulation_equals_a_larger_micro_batch(tmp_path: Path) -> None:
     for step in (1, 2, 3):
         assert runs[2][step] == pytest.approx(runs[4][step], rel=1e-5), step
     assert runs[4][3] != runs[4][1]  # it trained
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero0", "zero2"])
+def test_release_mode_exports_the_checkpoint_of_one_process(tmp_path: Path, stage) -> None:
+    """`mode=release` rebuilds the release from the latest checkpoint (one process): the
+    same weights as the release the run wrote at its end."""
+    from conftest import run_cli
+
+    run_dir = tmp_path / "run"
+    args = [*TWO_TOWER, f"deepspeed={stage}", "train.steps=2", f"run.dir={run_dir}"]
+    train(compose(args))
+    end, _ = load_release(run_dir / "release")
+    (run_dir / "release").rename(tmp_path / "end")
+    proc = run_cli([*args, "mode=release"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again, _ = load_release(run_dir / "release")
+    for name, p in end.denoiser.state_dict().items():
+        torch.testing.assert_close(again.denoiser.state_dict()[name], p, rtol=0, atol=0)
+    assert "released step 2" in proc.stdout + proc.stderr
+    empty = run_cli([*TWO_TOWER, "mode=release", f"run.dir={tmp_path / 'none'}"])
+    assert empty.returncode == 2
+    assert empty.stderr.strip().splitlines()[-1].startswith("twotower_train: error: no checkpoint")

@@ -34,6 +34,7 @@ class ConfigError(ValueError):
 class Mode(str, Enum):
     train = "train"
     eval = "eval"
+    release = "release"  # export run.dir's latest checkpoint (train.release_from_checkpoint)
 
 
 class Objective(str, Enum):

@@ -368,21 +368,60 @@ def _export(run: Run) -> None:
 
 
 def _run_info(run: Run) -> dict:
+    return run_info(run.cfg, run.run_dir, run.step, run.tokens_per_step, run.logger.wandb_url())
+
+
+def run_info(cfg: Config, run_dir: Path, step: int, tokens_per_step: int, wandb_url=None) -> dict:
     """What a release's model card and backbone reference say about the run."""
     from omegaconf import OmegaConf
 
-    cfg = run.cfg
-    evaluated = run.run_dir / "eval"
+    evaluated = run_dir / "eval"
     return {
         "backbone": cfg.backbone.name_or_path,
         "revision": cfg.backbone.revision,
         "config": OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True),
-        "steps": run.step,
-        "tokens": run.step * run.tokens_per_step,
+        "steps": step,
+        "tokens": step * tokens_per_step,
         "report": evaluated / "report.json",
         "plot": evaluated / "retained_vs_tokens_per_forward.png",
-        "wandb_url": run.logger.wandb_url(),
+        "wandb_url": wandb_url,
     }
+
+
+def release_from_checkpoint(cfg: Config) -> Path:
+    """``mode=release``: the run's latest checkpoint (any ZeRO stage, written by any number
+    of ranks) consolidated on one process and exported as ``run.dir/release`` (two-tower)
+    or ``run.dir/hf`` (AR), as the end of training would."""
+    from twotower_train.engine.checkpoint import CheckpointError, consolidated_state
+
+    run_dir = Path(cfg.run.dir)
+    root = run_dir / "checkpoints"
+    tag = CheckpointManager(root, DistEnv(0, 1, 0, "single")).latest_tag()
+    if tag is None:
+        raise CheckpointError(f"no checkpoint under {root} to release (train first)")
+    trainer = json.loads((root / tag / "trainer_state.json").read_text())
+    state = consolidated_state(root, tag)
+    tokenizer = load_tokenizer(cfg.backbone)
+    objective = build_objective(cfg, load_backbone(cfg.backbone, tokenizer), tokenizer)
+    model = objective.model
+    trained = {k.removeprefix("model."): v for k, v in state.items()}
+    wanted = {k for k, p in model.named_parameters() if p.requires_grad}
+    missing = wanted - set(trained)
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {root / tag} lacks trained weights: {sorted(missing)[:3]}"
+        )
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name in wanted:
+            params[name].copy_(trained[name].to(params[name].dtype))
+    out = run_dir / ("hf" if cfg.train.objective == Objective.ar else "release")
+    dtype = torch.bfloat16 if cfg.precision.dtype == DType.bf16 else None
+    tokens_per_step = trainer.get("global_batch_size", 0) * cfg.data.seq_len
+    info_ = run_info(cfg, run_dir, trainer["step"], tokens_per_step)
+    objective.export(model.eval(), tokenizer, out, dtype=dtype, run_info=info_)
+    info(f"released step {trainer['step']} of {run_dir} to {out}")
+    return out
 
 
 @torch.no_grad()

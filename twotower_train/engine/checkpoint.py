@@ -142,3 +142,22 @@ class CheckpointManager:
         except Exception as exc:
             raise CheckpointError(f"checkpoint {path} is corrupt: {rng_file.name}: {exc}") from None
         return state
+
+
+def consolidated_state(root: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The module's fp32 weights of checkpoint ``root/tag`` on one process, whatever the
+    ZeRO stage and the number of ranks that wrote it (ZeRO 1-3: DeepSpeed's ``zero_to_fp32``
+    merge of the partitions; ZeRO 0: rank 0's module states)."""
+    path = Path(root) / tag
+    try:
+        if any(path.glob("*optim_states.pt")):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+        # our own checkpoint (trusted): DeepSpeed's ZeRO-0 model states
+        states = torch.load(
+            path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+        )
+        return {k: v.float() for k, v in states["module"].items()}
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {first_line(exc)}") from None
