@@ -395,8 +395,22 @@ def _one_line(exc: BaseException) -> str:
 
 def compose(overrides: list[str]) -> Config:
     """Compose `conf/` + recipe + command-line overrides into a validated Config."""
+    raw, recipe = _compose_raw(overrides)
+    return validate(raw, recipe)
+
+
+def hydra_section(overrides: list[str]) -> dict:
+    """The ``hydra:`` section Hydra composes for these overrides (``--cfg all``), unresolved."""
+    raw, _ = _compose_raw(overrides, return_hydra_config=True)
+    return OmegaConf.to_container(raw.hydra, resolve=False)
+
+
+def _compose_raw(overrides: list[str], return_hydra_config: bool = False):
+    """Hydra's composition of `conf/config.yaml` + the recipe + ``overrides`` (not yet
+    validated) and the recipe's name; Hydra's errors become one-line ``ConfigError``s."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.config_store import ConfigStore
     from hydra.core.global_hydra import GlobalHydra
 
     recipe = DEFAULT_RECIPE
@@ -408,14 +422,15 @@ def compose(overrides: list[str]) -> Config:
         raise ConfigError(f"unknown recipe '{recipe}' (no recipes/{recipe}.yaml; known: {known})")
     if not any(ov.startswith("recipe=") for ov in overrides):
         overrides = [f"recipe={recipe}", *overrides]
-
-    from hydra.core.config_store import ConfigStore
-
     ConfigStore.instance().store(name="schema", node=Config)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            raw = hydra_compose(config_name="config", overrides=list(overrides))
+            raw = hydra_compose(
+                config_name="config",
+                overrides=list(overrides),
+                return_hydra_config=return_hydra_config,
+            )
     except Exception as exc:  # Hydra's override / missing-group errors
         msg = _one_line(exc)
         m = re.match(r"Could not override '([^']+)'", msg)
@@ -424,28 +439,7 @@ def compose(overrides: list[str]) -> Config:
         raise ConfigError(msg) from None
     finally:
         GlobalHydra.instance().clear()
-    return validate(raw, recipe)
-
-
-def hydra_section(overrides: list[str]) -> dict:
-    """The ``hydra:`` section Hydra composes for these overrides (``--cfg all``), unresolved."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.config_store import ConfigStore
-    from hydra.core.global_hydra import GlobalHydra
-
-    if not any(ov.startswith("recipe=") for ov in overrides):
-        overrides = [f"recipe={DEFAULT_RECIPE}", *overrides]
-    ConfigStore.instance().store(name="schema", node=Config)
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            raw = hydra_compose(
-                config_name="config", overrides=list(overrides), return_hydra_config=True
-            )
-    finally:
-        GlobalHydra.instance().clear()
-    return OmegaConf.to_container(raw.hydra, resolve=False)
+    return raw, recipe
 
 
 def validate(raw: DictConfig, recipe: str) -> Config:
