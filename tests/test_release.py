@@ -70,6 +70,9 @@ def test_round_trip_is_exact_and_pickle_free(tmp_path: Path, family, settings) -
     stored = json.loads((tmp_path / "release" / CONFIG_FILE).read_text())
     assert stored.pop("format_version") == FORMAT_VERSION
     reference = stored.pop("backbone")
+    assert stored.pop("model_type") == "twotower" and stored.pop("architectures")
+    assert stored.pop("library_name") == "twotower_train"
+    assert stored.pop("decoding")["threshold"] == 0.95
     assert set(reference["sha256"]) == {"model.safetensors"}
     assert TwoTowerConfig.from_dict(stored) == model.config
     card = (tmp_path / "release" / "README.md").read_text()
@@ -161,7 +164,9 @@ def test_older_formats_still_load(tmp_path: Path, version, family) -> None:
             "attn_impl": "sdpa",
             "shift_logits": True,
         }
-    (path / CONFIG_FILE).write_text(json.dumps(config))
+    # written where those formats kept it
+    (path / CONFIG_FILE).unlink()
+    (path / "twotower_config.json").write_text(json.dumps(config))
     loaded, _ = load_release(path)
     assert loaded.config == model.config
     torch.testing.assert_close(outputs(loaded), outputs(model), rtol=0, atol=0)
@@ -316,5 +321,5 @@ def test_generate_command_line_decodes_what_the_model_did_before_export(release)
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [
         f"twotower_train.generate: error: {path.parent / 'nope'} is not a two-tower release: "
-        "twotower_config.json is missing"
+        "config.json is missing"
     ]

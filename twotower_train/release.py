@@ -4,8 +4,9 @@
         README.md                  the model card (what, backbone, training, results, usage)
         backbone/                  the frozen context tower (HF save_pretrained, safetensors)
         denoiser.safetensors       every trainable weight (the denoiser tower)
-        twotower_config.json       the model's TwoTowerConfig + format version + the backbone
-                                   reference (name, revision, sha256 of each weight file)
+        config.json                model_type "twotower", the TwoTowerConfig, format version,
+                                   decoding defaults, the backbone reference (name, revision,
+                                   sha256 of each weight file)
         retained_vs_tokens_per_forward.png   the harness's plot, when the run evaluated
         tokenizer files            (tokenizer.json, tokenizer_config.json, ...)
 
@@ -27,13 +28,16 @@ from twotower_train.errors import first_line
 from twotower_train.model import TwoTowerConfig, TwoTowerModel
 from twotower_train.model.registry import is_norm
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # Versions 1-2 stored the denoiser as loose parts (embed., layers.i., norm., head.); version 3
-# stores the HF model it is (model.<the family's own names>).
+# stores the HF model it is (model.<the family's own names>); version 4 moves
+# twotower_config.json to an HF-style config.json (model_type "twotower").
 # Version 1 (before TwoTowerConfig) named two settings differently and spelled dtypes as torch does.
 _V1_NAMES = {"denoiser_layers": "layers", "tie_denoiser_head": "tie_head"}
 _V1_DTYPES = {"bfloat16": "bf16", "float32": "fp32"}
-CONFIG_FILE = "twotower_config.json"
+CONFIG_FILE = "config.json"
+LEGACY_CONFIG_FILE = "twotower_config.json"  # formats 1-3
+MODEL_TYPE = "twotower"
 DENOISER_FILE = "denoiser.safetensors"
 
 
@@ -67,7 +71,15 @@ def save_release(
         "revision": run_info.get("revision"),
         "sha256": _weight_hashes(tmp / "backbone"),
     }
-    config = {"format_version": FORMAT_VERSION, **model.config.to_dict(), "backbone": backbone}
+    config = {
+        "architectures": ["TwoTowerModel"],
+        "model_type": MODEL_TYPE,
+        "library_name": "twotower_train",
+        "format_version": FORMAT_VERSION,
+        **model.config.to_dict(),
+        "decoding": _decoding_defaults(run_info),
+        "backbone": backbone,
+    }
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     if run_info.get("plot") and Path(run_info["plot"]).is_file():
         shutil.copy(run_info["plot"], tmp / Path(run_info["plot"]).name)
@@ -78,6 +90,23 @@ def save_release(
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
+
+
+def _decoding_defaults(run_info: dict) -> dict:
+    """The decoding settings the run evaluated with (``DecodeConfig``'s defaults otherwise)."""
+    from twotower_train.generate import DecodeConfig
+
+    default = DecodeConfig()
+    evaluated = (run_info.get("config") or {}).get("eval") or {}
+    keys = (
+        "threshold",
+        "order",
+        "score",
+        "adjacent_threshold",
+        "steps_per_block",
+        "max_new_tokens",
+    )
+    return {k: evaluated.get(k, getattr(default, k)) for k in keys}
 
 
 def _weight_hashes(folder: Path) -> dict[str, str]:
@@ -94,28 +123,44 @@ def _sha256(path: Path) -> str:
 
 
 def is_release(path: str | Path) -> bool:
-    return (Path(path) / CONFIG_FILE).is_file()
+    """A two-tower release folder (not, e.g., a plain HF model folder with a config.json)."""
+    path = Path(path)
+    if (path / LEGACY_CONFIG_FILE).is_file():
+        return True
+    try:
+        return json.loads((path / CONFIG_FILE).read_text()).get("model_type") == MODEL_TYPE
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def load_release(path: str | Path, dtype: torch.dtype = torch.float32, tokenizer: bool = True):
     """``(TwoTowerModel, tokenizer)`` from a folder written by ``save_release`` (the
     tokenizer is None with ``tokenizer=False``). Safetensors only, never pickle."""
     path = Path(path)
-    for needed in (CONFIG_FILE, DENOISER_FILE, "backbone/config.json"):
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file() and (path / LEGACY_CONFIG_FILE).is_file():
+        config_file = path / LEGACY_CONFIG_FILE
+    for needed in (config_file.name, DENOISER_FILE, "backbone/config.json"):
         if not (path / needed).is_file():
             raise FileNotFoundError(f"{path} is not a two-tower release: {needed} is missing")
     try:
-        values = json.loads((path / CONFIG_FILE).read_text())
+        values = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path / CONFIG_FILE} is corrupt: {exc}") from None
+        raise ValueError(f"{config_file} is corrupt: {exc}") from None
+    if values.get("model_type", MODEL_TYPE) != MODEL_TYPE:
+        raise ValueError(
+            f"{config_file}: model_type {values['model_type']!r} is not a two-tower release"
+        )
     version = values.pop("format_version", None)
     reference = values.pop("backbone", None)
+    for key in ("architectures", "model_type", "library_name", "decoding"):
+        values.pop(key, None)
     if version == 1:
         values = {_V1_NAMES.get(k, k): v for k, v in values.items()}
         values["context_dtype"] = _V1_DTYPES.get(values.get("context_dtype"))
-    elif version not in (2, FORMAT_VERSION):
+    elif version not in (2, 3, FORMAT_VERSION):
         raise ValueError(
-            f"{path / CONFIG_FILE}: format version {version} is not supported "
+            f"{config_file}: format version {version} is not supported "
             f"(this version of twotower_train reads 1 to {FORMAT_VERSION})"
         )
     config = TwoTowerConfig.from_dict(values)

@@ -5,7 +5,7 @@ The same dataclass, with the same field names, is
 * the ``denoiser:`` section of the run config (``twotower_train/config.py`` embeds it);
 * what ``TwoTowerModel.from_backbone(backbone, config, **overrides)`` builds from;
 * ``model.config`` on a built model;
-* the ``twotower_config.json`` of a release (``to_dict`` / ``from_dict``).
+* the ``config.json`` of a release (``to_dict`` / ``from_dict``).
 """
 
 from __future__ import annotations
