@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import first_line
 from .attention import attend, window_block_mask
 from .cache import ContextCache, DenoiserContext
 from .mamba import mamba_mix, mamba_project
@@ -423,11 +424,6 @@ def hook_time_conditioning(layers: nn.ModuleList) -> int:
 # -- probing a built model -----------------------------------------------------------------------
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else ""
-
-
 @contextmanager
 def _quiet_transformers():
     """transformers' warnings off (e.g. Mamba's 'slow reference kernel' on the probe)."""
@@ -447,7 +443,9 @@ def _probe_forward(model, clean, noisy, fail):
     except UnsupportedBackbone as exc:
         raise fail(str(exc)) from None
     except Exception as exc:
-        raise fail(f"the denoiser fails on it ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise fail(
+            f"the denoiser fails on it ({type(exc).__name__}: {first_line(exc)[:200]})"
+        ) from None
 
 
 def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -481,7 +479,9 @@ def check_backbone(model) -> None:
         with _quiet_transformers():
             expected = backbone(clean, use_cache=False).logits.float()
     except Exception as exc:
-        raise fail(f"its own forward fails ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise fail(
+            f"its own forward fails ({type(exc).__name__}: {first_line(exc)[:200]})"
+        ) from None
     try:
         ours = model.context(clean, block_size=bs).logits
         run_seen = model.context.last_seen
@@ -490,7 +490,9 @@ def check_backbone(model) -> None:
     except UnsupportedBackbone as exc:
         raise fail(str(exc)) from None
     except Exception as exc:  # the towers cannot run it: say how, in one line
-        raise fail(f"the towers fail on it ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise fail(
+            f"the towers fail on it ({type(exc).__name__}: {first_line(exc)[:200]})"
+        ) from None
     _, layers = layer_list(backbone)
     silent = sorted(set(range(len(layers))) - run_seen)
     if _rel_err(ours, expected) > tol or _rel_err(torch.cat([first, second], 1), expected) > tol:
