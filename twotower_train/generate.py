@@ -601,6 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
     args = p.parse_intermixed_args(argv)
 
+    from twotower_train.errors import first_line
     from twotower_train.release import load_release
 
     prompts = args.prompts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
@@ -616,9 +617,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.validate()
         model, tokenizer = load_release(args.release)
     except (FileNotFoundError, ValueError, OSError) as exc:
-        print(
-            f"twotower_train.generate: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr
-        )
+        print(f"twotower_train.generate: error: {first_line(exc)}", file=sys.stderr)
         return 2
     ids = [tokenizer.encode(text) for text in prompts]
     with torch.no_grad():
