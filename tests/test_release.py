@@ -64,7 +64,7 @@ def outputs(model: TwoTowerModel) -> torch.Tensor:
 def test_round_trip_is_exact_and_pickle_free(tmp_path: Path, family, settings) -> None:
     model = trained(family, **settings)
     tokenizer = load_tokenizer()
-    save_release(model, tokenizer, tmp_path / "release")
+    save_release(model, tokenizer, tmp_path / "release", dtype=torch.float32)
     files = [p.name for p in (tmp_path / "release").rglob("*") if p.is_file()]
     assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
     stored = json.loads((tmp_path / "release" / CONFIG_FILE).read_text())
@@ -72,6 +72,7 @@ def test_round_trip_is_exact_and_pickle_free(tmp_path: Path, family, settings) -
     reference = stored.pop("backbone")
     assert stored.pop("model_type") == "twotower" and stored.pop("architectures")
     assert stored.pop("library_name") == "twotower_train"
+    assert stored.pop("dtype") == "float32"
     assert stored.pop("decoding")["threshold"] == 0.95
     assert set(reference["sha256"]) == {"model.safetensors"}
     assert TwoTowerConfig.from_dict(stored) == model.config
@@ -90,13 +91,132 @@ def test_round_trip_is_exact_and_pickle_free(tmp_path: Path, family, settings) -
         assert loaded.denoiser.head.weight is loaded.denoiser.embed.weight
 
 
-def test_bf16_release(tmp_path: Path) -> None:
+def bf16_exact(model: TwoTowerModel) -> TwoTowerModel:
+    """``model`` with every weight rounded to bf16 (what a default release stores)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    return model
+
+
+def test_bf16_is_the_default(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
     model = trained()
-    save_release(model, load_tokenizer(), tmp_path / "release", dtype=torch.bfloat16)
+    save_release(model, load_tokenizer(), tmp_path / "release")
+    for file in (tmp_path / "release").rglob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}, file  # noqa: SIM118
+    assert json.loads((tmp_path / "release" / CONFIG_FILE).read_text())["dtype"] == "bfloat16"
     loaded, _ = load_release(tmp_path / "release")
     for name, p in loaded.denoiser.state_dict().items():  # loaded in fp32, bf16-exact values
         want = model.denoiser.state_dict()[name].to(torch.bfloat16).float()
         assert p.dtype == torch.float32 and torch.equal(p, want), name
+    torch.testing.assert_close(outputs(loaded), outputs(bf16_exact(model)), rtol=0, atol=0)
+
+
+def test_sharded_release(tmp_path: Path) -> None:
+    """Past ``max_shard_size`` both towers are split with HF's index layout; exact."""
+    model = trained(tie_head=True)
+    path = save_release(
+        model, load_tokenizer(), tmp_path / "release", dtype=torch.float32, max_shard_size="300KB"
+    )
+    shards = sorted(p.name for p in path.glob("denoiser-*.safetensors"))
+    assert len(shards) > 1 and not (path / DENOISER_FILE).exists()
+    index = json.loads((path / "denoiser.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    assert (path / "backbone" / "model.safetensors.index.json").is_file()
+    stored = json.loads((path / CONFIG_FILE).read_text())["backbone"]["sha256"]
+    assert len(stored) > 1 and all(name.startswith("model-") for name in stored)
+    loaded, _ = load_release(path)
+    torch.testing.assert_close(outputs(loaded), outputs(model), rtol=0, atol=0)
+    lost = shards[-1]
+    (path / lost).unlink()
+    with pytest.raises(FileNotFoundError, match=f"{lost} is missing"):
+        load_release(path)
+    with pytest.raises(ValueError, match="max_shard_size 'lots' is not a size"):
+        save_release(model, None, tmp_path / "other", max_shard_size="lots")
+
+
+def saved_backbone(folder: Path):
+    """A tiny backbone written to ``folder`` and loaded back (its name_or_path: the folder)."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_backbone("llama", vocab_size=2048).save_pretrained(folder)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+
+def test_reference_only_release(tmp_path: Path) -> None:
+    """``backbone="reference"``: no backbone/ folder; loading finds the backbone where the
+    reference points (or at ``backbone_path``) and refuses one whose sha256 differs."""
+    from transformers import AutoModelForCausalLM
+
+    source = tmp_path / "llama"
+    model = TwoTowerModel.from_backbone(saved_backbone(source), block_size=4, mask_token_id=MASK)
+    with torch.no_grad():
+        for p in model.denoiser.parameters():
+            p.add_(0.01)
+    path = tmp_path / "release"
+    save_release(model.eval(), load_tokenizer(), path, dtype=torch.float32, backbone="reference")
+    assert not (path / "backbone").exists()
+    reference = json.loads((path / CONFIG_FILE).read_text())["backbone"]
+    assert reference["bundled"] is False and reference["name_or_path"] == str(source)
+    assert set(reference["sha256"]) == {"model.safetensors"}
+    assert "reference-only release" in (path / "README.md").read_text()
+    loaded, _ = load_release(path)
+    torch.testing.assert_close(outputs(loaded), outputs(model), rtol=0, atol=0)
+
+    moved = tmp_path / "elsewhere"
+    source.rename(moved)
+    with pytest.raises(FileNotFoundError, match="references backbone .* which was not found"):
+        load_release(path)
+    again, _ = load_release(path, backbone_path=moved)
+    torch.testing.assert_close(outputs(again), outputs(model), rtol=0, atol=0)
+    other = AutoModelForCausalLM.from_pretrained(moved)
+    with torch.no_grad():
+        other.lm_head.weight.add_(1e-3)
+    other.save_pretrained(moved)
+    with pytest.raises(ValueError, match="sha256 does not match .* refusing a different backbone"):
+        load_release(path, backbone_path=moved)
+
+
+def test_reference_needs_a_backbone_on_disk(tmp_path: Path) -> None:
+    """A backbone built in memory cannot be referenced: one line, nothing written."""
+    with pytest.raises(ValueError, match="needs a backbone loaded from a folder or the hub"):
+        save_release(trained(), load_tokenizer(), tmp_path / "release", backbone="reference")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_push_to_hub_uploads_the_finished_folder(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from twotower_train.release import publish
+
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kw):
+            calls.append(("create_repo", repo_id, kw))
+
+        def upload_folder(self, **kw):
+            calls.append(("upload_folder", kw["repo_id"], kw["folder_path"]))
+
+    path = save_release(trained(), load_tokenizer(), tmp_path / "release")
+    cfg = SimpleNamespace(push_to_hub="me/tiny-twotower", hub_private=True)
+    assert publish(path, cfg, api=FakeApi()) == "https://huggingface.co/me/tiny-twotower"
+    assert calls == [
+        ("create_repo", "me/tiny-twotower", {"private": True, "exist_ok": True}),
+        ("upload_folder", "me/tiny-twotower", str(path)),
+    ]
+    assert publish(path, SimpleNamespace(push_to_hub=None), api=FakeApi()) is None
+
+    class Offline(FakeApi):
+        def create_repo(self, repo_id, **kw):
+            raise ConnectionError("no network\nretries exhausted")
+
+    with pytest.raises(ValueError, match=r"^cannot publish .* no network \(the folder is complete"):
+        publish(path, cfg, api=Offline())
+    assert (path / CONFIG_FILE).is_file()
 
 
 def test_release_errors(tmp_path: Path) -> None:
@@ -112,7 +232,16 @@ def test_release_errors(tmp_path: Path) -> None:
     (path / CONFIG_FILE).write_text("{not json")
     with pytest.raises(ValueError, match="is corrupt"):
         load_release(path)
+    (path / CONFIG_FILE).write_text(
+        json.dumps({k: v for k, v in config.items() if k != "mask_token_id"})
+    )
+    with pytest.raises(ValueError, match="lacks the setting 'mask_token_id'"):
+        load_release(path)
     (path / CONFIG_FILE).write_text(json.dumps(config))
+    whole = (path / DENOISER_FILE).read_bytes()
+    (path / DENOISER_FILE).write_bytes(whole[: len(whole) // 2])  # truncated
+    with pytest.raises(ValueError, match="denoiser.safetensors is corrupt"):
+        load_release(path)
     (path / DENOISER_FILE).write_bytes(b"junk")
     with pytest.raises(ValueError, match="is corrupt"):
         load_release(path)
@@ -141,7 +270,7 @@ def test_older_formats_still_load(tmp_path: Path, version, family) -> None:
     if family == "nemotron_h":
         settings = {"time_conditioning": True}
     model = trained(family, **settings)
-    save_release(model, load_tokenizer(), path)
+    save_release(model, load_tokenizer(), path, dtype=torch.float32)  # those formats: fp32
     state = load_file(str(path / DENOISER_FILE))
     renames = LEGACY_NAMES[family]
     old = {}
@@ -209,7 +338,7 @@ def test_a_failed_save_leaves_the_old_release(tmp_path: Path, monkeypatch) -> No
 @pytest.fixture(scope="module")
 def release(tmp_path_factory) -> tuple[Path, TwoTowerModel]:
     path = tmp_path_factory.mktemp("rel") / "release"
-    model = trained()
+    model = bf16_exact(trained())  # what the default (bf16) release holds
     save_release(model, load_tokenizer(), path)
     return path, model
 
@@ -252,8 +381,32 @@ def test_lm_eval_adapter_from_arg_string(release) -> None:
     assert lm._score(pairs) == likelihood.denoiser_loglikelihood(model, pairs, 4)
 
 
-def test_lm_eval_command_line_on_a_release(release, tmp_path: Path) -> None:
-    """The command docs/evaluation.md gives, on a release folder."""
+def test_the_lm_eval_hook_is_installed_with_the_package() -> None:
+    """`pip install` (editable or not) puts twotower_train-lm_eval.pth in site-packages."""
+    import site
+
+    dirs = [*site.getsitepackages(), site.getusersitepackages()]
+    found = [d for d in dirs if (Path(d) / "twotower_train-lm_eval.pth").is_file()]
+    assert found, f"no twotower_train-lm_eval.pth in {dirs}: reinstall (pip install -e .)"
+    hook = (REPO / "twotower_train-lm_eval.pth").read_text()
+    assert hook.startswith("import twotower_train.lm_eval_hook")
+
+
+def test_the_lm_eval_hook_imports_nothing_at_start_up() -> None:
+    """The .pth runs in every interpreter: it must not import torch, lm-eval or us."""
+    import subprocess
+
+    code = "import sys; print(sorted(m for m in ('torch', 'lm_eval', 'transformers', 'twotower_train.eval') if m in sys.modules))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env()
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("tower", ["twotower", "backbone"])
+def test_lm_eval_command_line_on_a_release(release, tmp_path: Path, tower) -> None:
+    """lm-eval's own command line, `python -m lm_eval --model twotower` (= `lm_eval ...`),
+    on a release folder, for both towers, offline on the local tasks."""
     pytest.importorskip("lm_eval")
     import subprocess
 
@@ -262,9 +415,11 @@ def test_lm_eval_command_line_on_a_release(release, tmp_path: Path) -> None:
     cmd = [
         sys.executable,
         "-m",
-        "twotower_train.eval.lm_eval_adapter",
+        "lm_eval",
+        "--model",
+        "twotower",
         "--model_args",
-        f"release={path},tower=twotower,batch_size=4",
+        f"release={path},tower={tower},batch_size=4",
         "--tasks",
         "tiny_world_mc",
         "--include_path",

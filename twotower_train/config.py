@@ -352,12 +352,26 @@ class EvalConfig:
     release: str | None = None
 
 
+class ReleaseBackbone(str, Enum):
+    bundle = "bundle"  # the frozen backbone stored in release/backbone/ (self-contained)
+    reference = "reference"  # name, revision and sha256 only; loading finds and checks it
+
+
 @dataclass
 class ExportConfig:
     # AR objective: write the trained HF model (safetensors + tokenizer) to run.dir/hf.
     hf: bool = False
     # Two-tower objective: write the released model folder to run.dir/release.
     release: bool = True
+    # Stored weights: bf16 (the default, as HF releases are) or fp32 (exact).
+    dtype: DType = DType.bf16
+    backbone: ReleaseBackbone = ReleaseBackbone.bundle
+    # Weights larger than this are split into shards (HF's index layout): bytes or "5GB".
+    max_shard_size: str = "5GB"
+    # Upload the finished folder to this Hugging Face repo id (huggingface_hub; needs a
+    # token and network): null = do not publish.
+    push_to_hub: str | None = None
+    hub_private: bool = True
 
 
 @dataclass
@@ -482,6 +496,11 @@ def check(cfg: Config) -> None:
             raise ConfigError(f"train.{name} must be > 0, got {getattr(t, name)}")
     if cfg.data.seq_len < 2:
         raise ConfigError(f"data.seq_len must be >= 2, got {cfg.data.seq_len}")
+    if not re.fullmatch(r"\d+|\d+(\.\d+)?\s*[KMGT]B", str(cfg.export.max_shard_size).strip()):
+        raise ConfigError(
+            f"export.max_shard_size must be bytes or a size such as '5GB', "
+            f"got {cfg.export.max_shard_size!r}"
+        )
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:

@@ -593,29 +593,35 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("release", help="a released two-tower model folder")
     p.add_argument("prompts", nargs="*", help="prompts (none: one per line of stdin)")
-    p.add_argument("--threshold", type=float, default=DecodeConfig.threshold)
-    p.add_argument("--max-new-tokens", type=int, default=DecodeConfig.max_new_tokens)
-    p.add_argument("--order", choices=ORDERS, default=DecodeConfig.order)
+    p.add_argument("--threshold", type=float, help="default: the release's (config.json)")
+    p.add_argument("--max-new-tokens", type=int, help="default: the release's")
+    p.add_argument("--order", choices=ORDERS, help="default: the release's")
+    p.add_argument(
+        "--backbone-path", help="a reference-only release's backbone folder (default: found)"
+    )
     p.add_argument("--verify", action="store_true", help="lossless: the backbone verifies")
     p.add_argument("--ar", action="store_true", help="decode with the backbone (AR) instead")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
     args = p.parse_intermixed_args(argv)
 
     from twotower_train.errors import first_line
-    from twotower_train.release import load_release
+    from twotower_train.release import decoding_defaults, load_release
 
     prompts = args.prompts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    saved = decoding_defaults(args.release)
+    chosen = {"threshold": args.threshold, "max_new_tokens": args.max_new_tokens}
+    chosen["order"] = args.order
     cfg = DecodeConfig(
-        threshold=args.threshold,
-        max_new_tokens=args.max_new_tokens,
-        order=args.order,
+        **{
+            k: saved.get(k, getattr(DecodeConfig, k)) if v is None else v for k, v in chosen.items()
+        },
         verify=args.verify,
     )
     try:
         if not prompts:
             raise ValueError("no prompts (give them as arguments or one per line on stdin)")
         cfg.validate()
-        model, tokenizer = load_release(args.release)
+        model, tokenizer = load_release(args.release, backbone_path=args.backbone_path)
     except (FileNotFoundError, ValueError, OSError) as exc:
         print(f"twotower_train.generate: error: {first_line(exc)}", file=sys.stderr)
         return 2

@@ -50,7 +50,12 @@ def model_card(model, backbone: dict, run_info: dict) -> str:
         "",
         f"- reference: `{name}`"
         + (f" at revision `{backbone['revision']}`" if backbone.get("revision") else ""),
-        "- bundled in `backbone/`; loading checks each weight file against its sha256:",
+        (
+            "- bundled in `backbone/`; loading checks each weight file against its sha256:"
+            if backbone.get("bundled", True)
+            else "- not bundled (a reference-only release): loading finds it (a local folder, "
+            "or the hub) and refuses weight files whose sha256 differs from:"
+        ),
         "",
         *[f"  - `{file}`: `{digest}`" for file, digest in (backbone.get("sha256") or {}).items()],
         "",
@@ -77,7 +82,7 @@ def model_card(model, backbone: dict, run_info: dict) -> str:
         "```bash",
         'python -m twotower_train.generate PATH "a prompt"              # block diffusion',
         'python -m twotower_train.generate PATH --verify "a prompt"     # lossless: = AR greedy',
-        "python -m twotower_train.eval.lm_eval_adapter --model_args release=PATH,tower=twotower --tasks ...",
+        "lm_eval --model twotower --model_args release=PATH,tower=twotower --tasks ...",
         "```",
         "",
         "Decoding defaults: threshold 0.95, left-to-right commits (`DecodeConfig`); "

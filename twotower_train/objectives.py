@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from twotower_train.config import DiffusionConfig, DistillConfig, EvalConfig
+from twotower_train.config import DiffusionConfig, DistillConfig, EvalConfig, ExportConfig
 from twotower_train.diffusion import (
     after_eos_targets,
     diffusion_ce,
@@ -63,12 +63,17 @@ class CausalLMObjective(nn.Module):
         return {}
 
     def export(
-        self, model: nn.Module, tokenizer, out_dir: Path, dtype=None, run_info: dict | None = None
+        self, model: nn.Module, tokenizer, out_dir: Path, cfg: ExportConfig, run_info=None
     ) -> Path:
         """The trained backbone as a Hugging Face folder (safetensors + tokenizer)."""
-        if dtype is not None:
-            model = model.to(dtype)
-        model.save_pretrained(out_dir, safe_serialization=True)
+        from twotower_train.release import cast_state, shard_bytes
+
+        model.save_pretrained(
+            out_dir,
+            state_dict=cast_state(model.state_dict(), cfg.dtype.torch),
+            safe_serialization=True,
+            max_shard_size=shard_bytes(cfg.max_shard_size),
+        )
         tokenizer.save_pretrained(out_dir)
         return out_dir
 
@@ -262,9 +267,17 @@ class TwoTowerObjective(nn.Module):
         return {"retained": report["retained"]}
 
     def export(
-        self, model: nn.Module, tokenizer, out_dir: Path, dtype=None, run_info: dict | None = None
+        self, model: nn.Module, tokenizer, out_dir: Path, cfg: ExportConfig, run_info=None
     ) -> Path:
         """The released model folder (``release.py``; ``run_info`` feeds its model card)."""
         from twotower_train.release import save_release
 
-        return save_release(model, tokenizer, out_dir, dtype=dtype, run_info=run_info)
+        return save_release(
+            model,
+            tokenizer,
+            out_dir,
+            dtype=cfg.dtype.torch,
+            run_info=run_info,
+            backbone=cfg.backbone.value,
+            max_shard_size=cfg.max_shard_size,
+        )

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from twotower_train.backbones import build_two_tower, load_backbone, load_tokenizer
-from twotower_train.config import Config, DType, Objective, batch_arithmetic, to_yaml
+from twotower_train.config import Config, Objective, batch_arithmetic, to_yaml
 from twotower_train.data.loader import Loader, build_loader
 from twotower_train.engine.checkpoint import CheckpointManager
 from twotower_train.engine.deepspeed_engine import build_engine, trainable_state_dict
@@ -36,6 +36,7 @@ from twotower_train.engine.distributed import (
 )
 from twotower_train.metrics import MetricsLogger, info
 from twotower_train.objectives import CausalLMObjective, TwoTowerObjective
+from twotower_train.release import publish
 
 
 def build_objective(cfg: Config, backbone, tokenizer) -> nn.Module:
@@ -361,10 +362,9 @@ def _export(run: Run) -> None:
     model = run.trained_model()
     if run.env.is_main:
         out = run.run_dir / ("hf" if cfg.train.objective == Objective.ar else "release")
-        # bf16-trained weights are stored in bf16
-        dtype = torch.bfloat16 if cfg.precision.dtype == DType.bf16 else None
-        run.objective.export(model, run.tokenizer, out, dtype=dtype, run_info=_run_info(run))
+        run.objective.export(model, run.tokenizer, out, cfg.export, run_info=_run_info(run))
         info(f"exported the trained model to {out}")
+        publish(out, cfg.export)
 
 
 def _run_info(run: Run) -> dict:
@@ -416,11 +416,11 @@ def release_from_checkpoint(cfg: Config) -> Path:
         for name in wanted:
             params[name].copy_(trained[name].to(params[name].dtype))
     out = run_dir / ("hf" if cfg.train.objective == Objective.ar else "release")
-    dtype = torch.bfloat16 if cfg.precision.dtype == DType.bf16 else None
     tokens_per_step = trainer.get("global_batch_size", 0) * cfg.data.seq_len
     info_ = run_info(cfg, run_dir, trainer["step"], tokens_per_step)
-    objective.export(model.eval(), tokenizer, out, dtype=dtype, run_info=info_)
+    objective.export(model.eval(), tokenizer, out, cfg.export, run_info=info_)
     info(f"released step {trainer['step']} of {run_dir} to {out}")
+    publish(out, cfg.export)
     return out
 
 

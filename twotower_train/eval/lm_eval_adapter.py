@@ -69,8 +69,10 @@ class TwoTowerLM(LM):
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
         """``backbone=NAME_OR_PATH`` (fresh, untrained denoiser: smoke tests) or
-        ``release=PATH`` (``TwoTowerModel.from_release``); ``tower``, ``block_size``,
-        ``threshold``, ``steps_per_block``, ``batch_size``."""
+        ``release=PATH`` (``TwoTowerModel.from_release``; ``backbone_path=DIR`` for a
+        reference-only release whose backbone is elsewhere; decoding defaults from the
+        release); ``tower``, ``block_size``, ``threshold``, ``steps_per_block``,
+        ``batch_size``."""
         from lm_eval.utils import simple_parse_args_string
 
         return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
@@ -81,17 +83,22 @@ class TwoTowerLM(LM):
         ``device`` / ``max_batch_size`` are ignored (the model stays where it is built)."""
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
         args = {**arg_dict, **extra}
+        from twotower_train.backbones import load_two_tower
+        from twotower_train.release import decoding_defaults, load_release
+
         tower = args.get("tower", "twotower")
         batch = args.get("batch_size") or 32
+        # A release's own decoding defaults (those its run evaluated with), then the args.
+        saved = decoding_defaults(args["release"]) if "release" in args else {}
         decode = DecodeConfig(
-            threshold=float(args.get("threshold", 0.8)),
+            threshold=float(args.get("threshold", saved.get("threshold", 0.8))),
+            order=saved.get("order", DecodeConfig.order),
             steps_per_block=int(args["steps_per_block"]) if args.get("steps_per_block") else None,
         )
-        from twotower_train.backbones import load_two_tower
-        from twotower_train.release import load_release
-
         if "release" in args:
-            model, tokenizer = load_release(args["release"])
+            model, tokenizer = load_release(
+                args["release"], backbone_path=args.get("backbone_path")
+            )
         else:
             config = TwoTowerConfig(block_size=int(args.get("block_size", 16)))
             model, tokenizer = load_two_tower(args.get("backbone", "tiny_llama"), config)

@@ -80,12 +80,15 @@ class TwoTowerModel(nn.Module):
         return model
 
     @classmethod
-    def from_release(cls, path, dtype: torch.dtype = torch.float32) -> TwoTowerModel:
+    def from_release(
+        cls, path, dtype: torch.dtype = torch.float32, backbone_path=None
+    ) -> TwoTowerModel:
         """A model released with ``twotower_train.release.save_release`` (safetensors only);
-        its tokenizer: ``AutoTokenizer.from_pretrained(path)`` or ``release.load_release``."""
+        its tokenizer: ``AutoTokenizer.from_pretrained(path)`` or ``release.load_release``.
+        ``backbone_path``: a reference-only release's backbone folder (default: found)."""
         from twotower_train.release import load_release
 
-        return load_release(path, dtype=dtype, tokenizer=False)[0]
+        return load_release(path, dtype=dtype, tokenizer=False, backbone_path=backbone_path)[0]
 
     @property
     def block_size(self) -> int:
