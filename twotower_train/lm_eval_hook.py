@@ -43,7 +43,10 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             return spec
         self._spec = spec
         return importlib.machinery.ModuleSpec(
-            fullname, self, origin=spec.origin, is_package=spec.submodule_search_locations is not None
+            fullname,
+            self,
+            origin=spec.origin,
+            is_package=spec.submodule_search_locations is not None,
         )
 
     def create_module(self, spec):
