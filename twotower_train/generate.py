@@ -637,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"prompt": prompt, "continuation": text, "tokens": out}))
         else:
             print(text)
-    mode = "AR" if args.ar else ("verified" if args.verify else f"diffusion γ {args.threshold}")
+    mode = "AR" if args.ar else ("verified" if args.verify else f"diffusion γ {cfg.threshold}")
     summary = {
         "decoder": mode,
         **{k: round(v, 3) if isinstance(v, float) else v for k, v in stats.to_dict().items()},

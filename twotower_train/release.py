@@ -337,8 +337,21 @@ def load_release(
     if version in (1, 2):
         state = _legacy_denoiser_state(model, state)
     model.denoiser.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
-    tok = AutoTokenizer.from_pretrained(path) if tokenizer else None
+    tok = _load_tokenizer(path) if tokenizer else None
     return model.eval(), tok
+
+
+def _load_tokenizer(path: Path):
+    """The release's tokenizer (transformers' warning that config.json's model type
+    ``twotower`` is not one of its own is expected here, so it is kept quiet)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _referenced_backbone(path: Path, reference: dict, backbone_path) -> Path:
