@@ -95,3 +95,37 @@ def test_recompute_without_the_run_is_caught(model, monkeypatch):
         assert "tower call" in str(exc) or "recomput" in str(exc).lower()
         return
     assert any(not torch.allclose(grads1[k], grads0[k]) for k in grads0)
+
+
+def test_zero3_run_with_checkpointing_logs_the_same_losses_and_mfu(tmp_path, capsys) -> None:
+    """Through the real engine (DeepSpeed ZeRO-3, parameters partitioned and gathered again
+    for the recompute): the same losses as without checkpointing, and `mfu` in the log."""
+    from conftest import TINY, read_metrics
+
+    from twotower_train.config import compose
+    from twotower_train.train import train
+
+    common = [
+        *TINY,
+        "train.objective=twotower",
+        "denoiser.block_size=8",
+        "precision=fp32",
+        "deepspeed=zero3",
+        "train.steps=3",
+        "train.log_every=1",
+        "train.ckpt_every=1000",
+        "export.release=false",
+        "data.val_sequences=0",
+    ]
+    runs = {}
+    for on in (False, True):
+        run_dir = tmp_path / str(on)
+        train(compose([*common, f"train.activation_checkpointing={on}", f"run.dir={run_dir}"]))
+        runs[on] = [r for r in read_metrics(run_dir) if "loss" in r]
+    assert [r["step"] for r in runs[True]] == [1, 2, 3]
+    for plain, ckpt in zip(runs[False], runs[True]):
+        assert ckpt["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+        assert ckpt["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-4)
+        assert 0 < ckpt["mfu"] < 1
+    out = capsys.readouterr().out
+    assert "activation checkpointing" in out and " mfu " in out

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, run_cli
+from conftest import TINY
 from tiny_models import tiny_backbone
 from torch import nn
 
@@ -307,13 +307,16 @@ def test_config_refuses_impossible_combinations(overrides, message) -> None:
         compose(overrides)
 
 
-def test_fp8_on_cpu_is_refused_in_one_line_before_any_work(tmp_path) -> None:
+def test_fp8_on_cpu_is_refused_in_one_line_before_any_work(tmp_path, capsys) -> None:
+    from twotower_train.__main__ import main
+
     run_dir = tmp_path / "run"
-    out = run_cli([*TINY, f"run.dir={run_dir}", "precision=te_fp8"], timeout=120)
-    assert out.returncode == 2
-    lines = out.stderr.strip().splitlines()
-    assert lines[-1].startswith("twotower_train: error: precision.fp8=true (backend te) cannot")
-    assert "Traceback" not in out.stderr
+    with pytest.raises(SystemExit) as exit_:
+        main([*TINY, f"run.dir={run_dir}", "precision=te_fp8"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+    assert err[0].startswith("twotower_train: error: precision.fp8=true (backend te) cannot run")
     assert not run_dir.exists()  # nothing written, no data read
 
 
