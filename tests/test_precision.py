@@ -320,6 +320,25 @@ def test_fp8_on_cpu_is_refused_in_one_line_before_any_work(tmp_path, capsys) -> 
     assert not run_dir.exists()  # nothing written, no data read
 
 
+def test_bench_precision_trains_each_setting_from_the_same_start(capsys) -> None:
+    import json
+
+    from twotower_train import bench
+
+    tt = [o for o in TINY if not o.startswith(("recipe=", "train.objective"))]
+    tt += ["train.objective=twotower", "denoiser.block_size=8", "data.val_sequences=0"]
+    argv = ["precision", "--steps", "3", "--warmup", "1", "--settings"]
+    assert bench.main([*argv, "fp32", "te_bf16", "--", *tt]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    fp32, te_bf16 = result["fp32"], result["te_bf16"]
+    assert te_bf16["backend"] == "torch" and not te_bf16["fp8"]  # the one-line fallback here
+    assert fp32["max_loss_diff_vs_baseline"] == 0 and 0 < fp32["mfu"] < 1
+    assert 0 < te_bf16["max_loss_diff_vs_baseline"] < 0.05  # bf16 against fp32
+    assert te_bf16["tokens_per_s"] > 0
+    assert bench.main([*argv, "fp32", "te_fp8", "--", *tt]) == 2  # refused before training
+    assert "cannot run here" in capsys.readouterr().err
+
+
 # -- the real libraries (GPU) ----------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
     data      packed tokens/s of the data loader: the shipped corpus (map-style cold and
               warm, streaming) and a generated 1 GB jsonl (streaming)
     doc-mask  two-tower training step time with and without document masking
+    precision step time, MFU and loss parity of precision settings (TE / torchao FP8)
     decode    AR vs block-diffusion decoding: tokens/s, tokens per denoiser forward
 
 Each command prints one line per measurement and a final JSON line. Add a command by
@@ -309,6 +310,99 @@ def run_levers(args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
+# bench precision
+# ---------------------------------------------------------------------------------------
+
+
+def add_precision_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", default="tiny")
+    p.add_argument("--steps", type=int, default=50, help="training steps per setting")
+    p.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
+    p.add_argument(
+        "--settings",
+        nargs="+",
+        default=["bf16", "te_bf16", "te_fp8", "torchao_fp8"],
+        help="conf/precision options; the first is the baseline",
+    )
+    p.add_argument("overrides", nargs="*", help="key=value config overrides (all settings)")
+
+
+def run_precision(args: argparse.Namespace) -> dict:
+    """Each precision setting trains ``--steps`` steps from the same initial weights on the
+    same batches (same seed): median step time, tokens/s, MFU, and how far its losses stray
+    from the first setting's. A setting this machine cannot run stops the bench (one line)."""
+    import torch
+
+    from twotower_train.config import ConfigError, compose
+    from twotower_train.engine.distributed import device_for, init_distributed
+    from twotower_train.engine.precision import plan_precision
+    from twotower_train.mfu import mfu
+    from twotower_train.train import setup
+
+    if args.steps <= args.warmup:
+        raise ConfigError(f"--steps {args.steps} must exceed --warmup {args.warmup}")
+    cfgs = {
+        name: compose([f"recipe={args.recipe}", *args.overrides, f"precision={name}", "run.seed=0"])
+        for name in args.settings
+    }
+    device = device_for(init_distributed())
+    for cfg in cfgs.values():  # a setting this machine cannot run stops the bench here
+        plan_precision(cfg.precision, device)
+    results: dict[str, dict] = {}
+    base_losses: list[float] | None = None
+    for name, cfg in cfgs.items():
+        run = setup(cfg, run_dir=None)
+        engine, device = run.engine, run.device
+        losses, times = [], []
+        for i in range(args.steps):
+            run.objective.progress = i / args.steps
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            loss = 0.0
+            for _ in range(run.grad_accum):
+                out = engine(run.next_batch())
+                engine.backward(out["loss"])
+                engine.step()
+                loss += out["loss"].item() / run.grad_accum
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            losses.append(loss)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        step_s = statistics.median(times)
+        tokens_per_s = run.tokens_per_step / step_s
+        base_losses = base_losses or losses
+        drift = max(abs(a - b) for a, b in zip(losses, base_losses))
+        results[name] = {
+            "backend": run.precision.backend.value,
+            "fp8": run.precision.fp8,
+            "step_ms": step_s * 1e3,
+            "tokens_per_s": tokens_per_s,
+            "mfu": mfu(
+                run.flops_per_sequence,
+                tokens_per_s,
+                cfg.data.seq_len,
+                run.env.world_size,
+                run.peak_tflops,
+            ),
+            "final_loss": statistics.mean(losses[-5:]),
+            "max_loss_diff_vs_baseline": drift,
+        }
+        r = results[name]
+        mfu_text = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+        _say(
+            f"{name:<12s} ({r['backend']}{' fp8' if r['fp8'] else ''}) on {device.type}: "
+            f"{r['step_ms']:.1f} ms/step, {tokens_per_s:,.0f} tokens/s, mfu {mfu_text}, "
+            f"last-5 loss {r['final_loss']:.4f}, max |loss - {args.settings[0]}| {drift:.4f}"
+        )
+        del run, engine
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+# ---------------------------------------------------------------------------------------
 # bench decode (the code lives in twotower_train/eval/bench_decode.py)
 # ---------------------------------------------------------------------------------------
 
@@ -345,6 +439,11 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "data": ("packed tokens/s of the data loader", add_data_args, run_data),
     "doc-mask": ("step time with and without document masking", add_doc_mask_args, run_doc_mask),
     "levers": ("step time of each training lever (docs/objective.md)", add_levers_args, run_levers),
+    "precision": (
+        "step time, MFU and loss parity of precision settings (TE, torchao FP8)",
+        add_precision_args,
+        run_precision,
+    ),
     "decode": ("AR vs block-diffusion decoding tokens/s", add_decode_args, run_decode),
     "compare": (
         "this checkout vs a git ref in one process: training step, decoding forwards",
