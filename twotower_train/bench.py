@@ -322,15 +322,17 @@ def add_precision_args(p: argparse.ArgumentParser) -> None:
         "--settings",
         nargs="+",
         default=["bf16", "te_bf16", "te_fp8", "torchao_fp8"],
-        help="conf/precision options; the first is the baseline",
+        help="each a conf/precision option (te_fp8) or overrides (train.activation_checkpointing"
+        "=true,precision=fp32); the first is the baseline",
     )
     p.add_argument("overrides", nargs="*", help="key=value config overrides (all settings)")
 
 
 def run_precision(args: argparse.Namespace) -> dict:
-    """Each precision setting trains ``--steps`` steps from the same initial weights on the
-    same batches (same seed): median step time, tokens/s, MFU, and how far its losses stray
-    from the first setting's. A setting this machine cannot run stops the bench (one line)."""
+    """Each setting trains ``--steps`` steps from the same initial weights on the same batches
+    (same seed): median step time, tokens/s, MFU, peak GPU memory, and how far its losses
+    stray from the first setting's. A setting this machine cannot run stops the bench (one
+    line) before any training."""
     import torch
 
     from twotower_train.config import ConfigError, compose
@@ -341,8 +343,12 @@ def run_precision(args: argparse.Namespace) -> dict:
 
     if args.steps <= args.warmup:
         raise ConfigError(f"--steps {args.steps} must exceed --warmup {args.warmup}")
+
+    def setting(name: str) -> list[str]:
+        return name.split(",") if "=" in name else [f"precision={name}"]
+
     cfgs = {
-        name: compose([f"recipe={args.recipe}", *args.overrides, f"precision={name}", "run.seed=0"])
+        name: compose([f"recipe={args.recipe}", *args.overrides, *setting(name), "run.seed=0"])
         for name in args.settings
     }
     device = device_for(init_distributed())
@@ -353,6 +359,8 @@ def run_precision(args: argparse.Namespace) -> dict:
     for name, cfg in cfgs.items():
         run = setup(cfg, run_dir=None)
         engine, device = run.engine, run.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         losses, times = [], []
         for i in range(args.steps):
             run.objective.progress = i / args.steps
@@ -386,15 +394,19 @@ def run_precision(args: argparse.Namespace) -> dict:
                 run.env.world_size,
                 run.peak_tflops,
             ),
+            "mem_gib": torch.cuda.max_memory_allocated(device) / 2**30
+            if device.type == "cuda"
+            else None,
             "final_loss": statistics.mean(losses[-5:]),
             "max_loss_diff_vs_baseline": drift,
         }
         r = results[name]
         mfu_text = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         _say(
-            f"{name:<12s} ({r['backend']}{' fp8' if r['fp8'] else ''}) on {device.type}: "
+            f"{name} ({r['backend']}{' fp8' if r['fp8'] else ''}) on {device.type}: "
             f"{r['step_ms']:.1f} ms/step, {tokens_per_s:,.0f} tokens/s, mfu {mfu_text}, "
             f"last-5 loss {r['final_loss']:.4f}, max |loss - {args.settings[0]}| {drift:.4f}"
+            + (f", peak {r['mem_gib']:.2f} GiB" if r["mem_gib"] is not None else "")
         )
         del run, engine
         if device.type == "cuda":
