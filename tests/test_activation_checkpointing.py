@@ -82,6 +82,15 @@ def test_checkpointed_step_equals_plain_step(model):
         assert len(calls) == len(ckpt.denoiser.layers)
 
 
+def test_a_deep_copy_checkpoints_its_own_layers(model) -> None:
+    ckpt = copy.deepcopy(model)
+    ac.checkpoint_trained_tower(ckpt)
+    clone = copy.deepcopy(ckpt)
+    for layer in clone.denoiser.layers:
+        inner, hf_model, _ = layer.forward.args
+        assert inner.__self__ is layer and hf_model is clone.denoiser.model
+
+
 def test_recompute_without_the_run_is_caught(model, monkeypatch):
     """The control: a recompute outside the tower's run (what plain torch checkpointing of
     the HF layers would do) raises or gives other gradients -- the test above would see it."""

@@ -214,6 +214,12 @@ def test_te_fp8_swaps_the_denoiser_and_autocasts_it_only(fake_te, model, recipe)
     # the backward reaches the swapped weights
     logits.sum().backward()
     assert all(m.weight.grad is not None for m in swapped.values())
+    # a deep copy runs its own linears inside its own autocast
+    clone = copy.deepcopy(converted)
+    fake_te.calls.clear()
+    clone(clean, noisy)
+    cloned = set(_linears(clone.denoiser, fake_te.pytorch.Linear).values())
+    assert {m for m, _ in fake_te.calls} == cloned and all(r for _, r in fake_te.calls)
 
 
 def test_te_bf16_swaps_without_autocast(fake_te, model) -> None:

@@ -38,6 +38,18 @@ def _reenter(model: nn.Module, run, autocast: Callable[[], AbstractContextManage
         yield
 
 
+def _checkpointed(inner, model: nn.Module, autocast, *args, **kwargs):
+    """A decoder layer's forward through ``checkpoint``, its recompute inside the same run."""
+    if not torch.is_grad_enabled():  # evaluation: nothing to save
+        return inner(*args, **kwargs)
+    run = current_run()
+
+    def contexts():
+        return nullcontext(), _reenter(model, run, autocast)
+
+    return checkpoint(inner, *args, use_reentrant=False, context_fn=contexts, **kwargs)
+
+
 def checkpoint_layers(
     model: nn.Module,
     layers: nn.ModuleList,
@@ -47,20 +59,8 @@ def checkpoint_layers(
     LM run as a tower, or plainly). ``autocast``: a context the recompute must also run in.
     Returns the number of layers."""
     for layer in layers:
-        inner = layer.forward
-
-        @functools.wraps(inner)
-        def forward(*args, _inner=inner, **kwargs):
-            if not torch.is_grad_enabled():  # evaluation: nothing to save
-                return _inner(*args, **kwargs)
-            run = current_run()
-
-            def contexts():
-                return nullcontext(), _reenter(model, run, autocast)
-
-            return checkpoint(_inner, *args, use_reentrant=False, context_fn=contexts, **kwargs)
-
-        layer.forward = forward
+        # a partial of the bound method and the model: a deep copy re-points both
+        layer.forward = functools.partial(_checkpointed, layer.forward, model, autocast)
     return len(layers)
 
 

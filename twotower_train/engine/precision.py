@@ -156,15 +156,14 @@ def autocast_factory(te, recipe) -> Callable[[], AbstractContextManager]:
 
 def run_inside(module: nn.Module, make_context: Callable[[], AbstractContextManager]) -> None:
     """Make ``module``'s forward run inside ``make_context()`` (its own instance attribute:
-    parameters, names and state dict unchanged)."""
-    inner = module.forward
+    parameters, names and state dict unchanged; a partial of the bound method, so a deep
+    copy of the module calls its own forward)."""
+    module.forward = functools.partial(_forward_inside, module.forward, make_context)
 
-    @functools.wraps(inner)
-    def forward(*args, **kwargs):
-        with make_context():
-            return inner(*args, **kwargs)
 
-    module.forward = forward
+def _forward_inside(inner, make_context, *args, **kwargs):
+    with make_context():
+        return inner(*args, **kwargs)
 
 
 # -- swapping linears -----------------------------------------------------------------------------
