@@ -341,6 +341,11 @@ def test_bench_precision_trains_each_setting_from_the_same_start(capsys) -> None
     assert fp32["max_loss_diff_vs_baseline"] == 0 and 0 < fp32["mfu"] < 1
     assert 0 < te_bf16["max_loss_diff_vs_baseline"] < 0.05  # bf16 against fp32
     assert te_bf16["tokens_per_s"] > 0
+    # interleaved, one step of each in turn: each run keeps its own noise, so the same
+    # setting written twice trains identically
+    assert bench.main([*argv, "fp32", "precision=fp32", "--interleave", "--", *tt]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["precision=fp32"]["max_loss_diff_vs_baseline"] == 0
     assert bench.main([*argv, "fp32", "te_fp8", "--", *tt]) == 2  # refused before training
     assert "cannot run here" in capsys.readouterr().err
 
