@@ -397,3 +397,32 @@ def test_real_torchao_fp8_matches_bf16() -> None:
     except prec.PrecisionUnavailable as exc:
         pytest.skip(str(exc))
     _close_to_bf16(p, Float8Linear)
+
+
+@pytest.mark.gpu
+def test_real_te_fp8_activation_checkpointing_matches_the_plain_step() -> None:
+    """The recompute runs inside the same autocast: with current scaling it quantises the
+    same tensors the same way, so the gradients are the plain FP8 step's."""
+    pytest.importorskip("transformer_engine.pytorch")
+    from twotower_train.engine.activation_checkpointing import checkpoint_trained_tower
+
+    p = PrecisionConfig(backend=PrecisionBackend.te, fp8=True)
+    try:
+        plan = prec.plan_precision(p, torch.device("cuda"))
+    except prec.PrecisionUnavailable as exc:
+        pytest.skip(str(exc))
+    clean, noisy = (x.cuda() for x in _inputs())
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = _gpu_model()
+        autocast = prec.apply_precision(model, p, plan)
+        if ckpt:
+            checkpoint_trained_tower(model, autocast)
+        model(clean, noisy).float().logsumexp(-1).mean().backward()
+        grads.append(
+            {k: q.grad for k, q in model.denoiser.named_parameters() if q.grad is not None}
+        )
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-2, atol=1e-3, msg=k)
