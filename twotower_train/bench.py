@@ -3,6 +3,7 @@
     data      packed tokens/s of the data loader: the shipped corpus (map-style cold and
               warm, streaming) and a generated 1 GB jsonl (streaming)
     doc-mask  two-tower training step time with and without document masking
+    precision step time, MFU and loss parity of precision settings (TE / torchao FP8)
     decode    AR vs block-diffusion decoding: tokens/s, tokens per denoiser forward
 
 Each command prints one line per measurement and a final JSON line. Add a command by
@@ -309,6 +310,156 @@ def run_levers(args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
+# bench precision
+# ---------------------------------------------------------------------------------------
+
+
+def add_precision_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", default="tiny")
+    p.add_argument("--steps", type=int, default=50, help="training steps per setting")
+    p.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
+    p.add_argument(
+        "--settings",
+        nargs="+",
+        default=["bf16", "te_bf16", "te_fp8", "torchao_fp8"],
+        help="each a conf/precision option (te_fp8) or overrides (train.activation_checkpointing"
+        "=true,precision=fp32); the first is the baseline",
+    )
+    p.add_argument(
+        "--interleave", action="store_true", help="one step of each setting in turn (CPU)"
+    )
+    p.add_argument("overrides", nargs="*", help="key=value config overrides (all settings)")
+
+
+def run_precision(args: argparse.Namespace) -> dict:
+    """Each setting trains ``--steps`` steps from the same initial weights on the same batches
+    and noise (same seed): median step time, tokens/s, MFU, peak GPU memory, and how far its
+    losses stray from the first setting's. ``--interleave``: all settings built first, one
+    step of each in turn (fair ratios on a machine whose load changes). A setting this
+    machine cannot run stops the bench (one line) before any training."""
+    import torch
+
+    from twotower_train.config import ConfigError, compose
+    from twotower_train.engine.distributed import device_for, init_distributed
+    from twotower_train.engine.precision import plan_precision
+    from twotower_train.train import setup
+
+    if args.steps <= args.warmup:
+        raise ConfigError(f"--steps {args.steps} must exceed --warmup {args.warmup}")
+
+    def setting(name: str) -> list[str]:
+        return name.split(",") if "=" in name else [f"precision={name}"]
+
+    cfgs = {
+        name: compose([f"recipe={args.recipe}", *args.overrides, *setting(name), "run.seed=0"])
+        for name in args.settings
+    }
+    device = device_for(init_distributed())
+    for cfg in cfgs.values():  # a setting this machine cannot run stops the bench here
+        plan_precision(cfg.precision, device)
+    cuda = device.type == "cuda"
+    trace: dict[str, tuple[list[float], list[float]]] = {}  # name: (losses, step seconds)
+    results: dict[str, dict] = {}
+    if args.interleave:
+        runs = {name: setup(cfg, run_dir=None) for name, cfg in cfgs.items()}
+        rng = {name: _rng_state(cuda) for name in runs}  # each run draws its own noise
+        for name in runs:
+            trace[name] = ([], [])
+        for i in range(args.steps):
+            for name, run in runs.items():
+                _set_rng_state(rng[name], cuda)
+                loss, seconds = _precision_step(run, i, args.steps)
+                rng[name] = _rng_state(cuda)
+                trace[name][0].append(loss)
+                trace[name][1].append(seconds)
+        for name, run in runs.items():
+            results[name] = _precision_result(args, name, run, *trace[name], trace, None)
+        return results
+    for name, cfg in cfgs.items():
+        run = setup(cfg, run_dir=None)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        trace[name] = ([], [])
+        for i in range(args.steps):
+            loss, seconds = _precision_step(run, i, args.steps)
+            trace[name][0].append(loss)
+            trace[name][1].append(seconds)
+        mem = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+        results[name] = _precision_result(args, name, run, *trace[name], trace, mem)
+        del run
+        if cuda:
+            torch.cuda.empty_cache()
+    return results
+
+
+def _rng_state(cuda: bool):
+    import torch
+
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None
+
+
+def _set_rng_state(state, cuda: bool) -> None:
+    import torch
+
+    torch.set_rng_state(state[0])
+    if cuda:
+        torch.cuda.set_rng_state(state[1])
+
+
+def _precision_step(run, i: int, steps: int) -> tuple[float, float]:
+    """One optimizer step of ``run``: (loss, wall seconds)."""
+    import torch
+
+    cuda = run.device.type == "cuda"
+    run.objective.progress = i / steps
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    loss = 0.0
+    for _ in range(run.grad_accum):
+        out = run.engine(run.next_batch())
+        run.engine.backward(out["loss"])
+        run.engine.step()
+        loss += out["loss"].item() / run.grad_accum
+    if cuda:
+        torch.cuda.synchronize()
+    return loss, time.perf_counter() - t0
+
+
+def _precision_result(args, name, run, losses, seconds, trace, mem_gib) -> dict:
+    from twotower_train.mfu import mfu
+
+    step_s = statistics.median(seconds[args.warmup :])
+    tokens_per_s = run.tokens_per_step / step_s
+    base = trace[args.settings[0]][0]
+    drift = max(abs(a - b) for a, b in zip(losses, base))
+    r = {
+        "backend": run.precision.backend.value,
+        "fp8": run.precision.fp8,
+        "step_ms": step_s * 1e3,
+        "tokens_per_s": tokens_per_s,
+        "mfu": mfu(
+            run.flops_per_sequence,
+            tokens_per_s,
+            run.cfg.data.seq_len,
+            run.env.world_size,
+            run.peak_tflops,
+        ),
+        "mem_gib": mem_gib,
+        "final_loss": statistics.mean(losses[-5:]),
+        "max_loss_diff_vs_baseline": drift,
+    }
+    mfu_text = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+    _say(
+        f"{name} ({r['backend']}{' fp8' if r['fp8'] else ''}) on {run.device.type}: "
+        f"{r['step_ms']:.1f} ms/step, {tokens_per_s:,.0f} tokens/s, mfu {mfu_text}, "
+        f"last-5 loss {r['final_loss']:.4f}, max |loss - {args.settings[0]}| {drift:.4f}"
+        + (f", peak {mem_gib:.2f} GiB" if mem_gib is not None else "")
+    )
+    return r
+
+
+# ---------------------------------------------------------------------------------------
 # bench decode (the code lives in twotower_train/eval/bench_decode.py)
 # ---------------------------------------------------------------------------------------
 
@@ -345,6 +496,11 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "data": ("packed tokens/s of the data loader", add_data_args, run_data),
     "doc-mask": ("step time with and without document masking", add_doc_mask_args, run_doc_mask),
     "levers": ("step time of each training lever (docs/objective.md)", add_levers_args, run_levers),
+    "precision": (
+        "step time, MFU and loss parity of precision settings (TE, torchao FP8)",
+        add_precision_args,
+        run_precision,
+    ),
     "decode": ("AR vs block-diffusion decoding tokens/s", add_decode_args, run_decode),
     "compare": (
         "this checkout vs a git ref in one process: training step, decoding forwards",

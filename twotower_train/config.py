@@ -257,6 +257,12 @@ class TrainConfig:
     # Wall-clock budget in seconds (0 = none): when spent, the run ends at that step as if
     # it were the last one (final checkpoint, evaluation, export), LR schedule unfinished.
     time_limit_s: float = 0.0
+    # Recompute each denoiser layer's activations in the backward (torch.utils.checkpoint,
+    # non-reentrant): less activation memory for about one more denoiser forward per step.
+    activation_checkpointing: bool = False
+    # Peak dense TFLOP/s of one device for `mfu` (null = a table of known GPUs; on CPU a
+    # matmul rate measured at start in precision.dtype).
+    peak_tflops: float | None = None
 
 
 @dataclass
@@ -282,9 +288,35 @@ class DeepSpeedConfig:
     allgather_bucket_size: int = 50_000_000
 
 
+class PrecisionBackend(str, Enum):
+    torch = "torch"  # torch nn.Linear (DeepSpeed bf16 or fp32)
+    te = "te"  # Transformer Engine te.Linear in the denoiser (CUDA; bf16, or FP8 with fp8=true)
+    torchao = "torchao"  # torchao float8 training (convert_to_float8_training; CUDA, fp8=true)
+
+
+class FP8Recipe(str, Enum):
+    current = "current"  # per-tensor current scaling: stateless, exact when a tower reruns
+    delayed = "delayed"  # delayed scaling from an amax history (te only)
+    mxfp8 = "mxfp8"  # MXFP8 block scaling (te only; Blackwell)
+
+
 @dataclass
 class PrecisionConfig:
+    # Parameter / compute dtype of the engine: bf16 (fp32 master weights) or fp32.
     dtype: DType = DType.bf16
+    # Which linear layers the denoiser runs (docs/training.md, "Precision").
+    backend: PrecisionBackend = PrecisionBackend.torch
+    # FP8 matmuls in the denoiser's linears (backend te or torchao); refused where the GPU
+    # or the library cannot do it, never a silent fallback.
+    fp8: bool = False
+    # FP8 scaling recipe (te: current, delayed, mxfp8; torchao: current = tensorwise).
+    recipe: FP8Recipe = FP8Recipe.current
+    # Delayed scaling only: amax history length and how a scale is read from it.
+    amax_history_len: int = 16
+    amax_compute_algo: str = "max"  # max | most_recent
+    # Also run the frozen context tower's linears in FP8 (te, inference only; stateless
+    # recipe whatever `recipe` says, so the no-grad tower keeps no amax history).
+    context_fp8: bool = False
 
 
 @dataclass
@@ -540,6 +572,34 @@ def check(cfg: Config) -> None:
         raise ConfigError("distill.weight must be >= 0 and distill.temperature > 0")
     if cfg.backbone.init == InitMode.scratch and "model_type" not in cfg.backbone.config:
         raise ConfigError("backbone.init=scratch needs backbone.config.model_type")
+    check_precision(cfg.precision, cfg.train)
+
+
+def check_precision(p: PrecisionConfig, t: TrainConfig) -> None:
+    """Combinations of precision keys no machine can run (the machine is checked at start,
+    ``engine/precision.py``)."""
+    if p.fp8 and p.backend == PrecisionBackend.torch:
+        raise ConfigError("precision.fp8=true needs precision.backend=te or torchao")
+    if p.backend == PrecisionBackend.torchao and not p.fp8:
+        raise ConfigError("precision.backend=torchao is float8 training: set precision.fp8=true")
+    if p.backend == PrecisionBackend.torchao and p.recipe != FP8Recipe.current:
+        raise ConfigError(
+            f"precision.recipe={p.recipe.value} is a Transformer Engine recipe; torchao runs "
+            "recipe=current (tensorwise scaling)"
+        )
+    if p.context_fp8 and not (p.fp8 and p.backend == PrecisionBackend.te):
+        raise ConfigError("precision.context_fp8=true needs precision.backend=te and fp8=true")
+    if p.amax_compute_algo not in ("max", "most_recent") or p.amax_history_len < 1:
+        raise ConfigError(
+            "precision.amax_compute_algo must be max or most_recent and amax_history_len >= 1"
+        )
+    if p.fp8 and p.recipe == FP8Recipe.delayed and t.activation_checkpointing:
+        raise ConfigError(
+            "precision.recipe=delayed with train.activation_checkpointing: the recompute "
+            "would update the amax history twice per step (use recipe=current)"
+        )
+    if t.peak_tflops is not None and t.peak_tflops <= 0:
+        raise ConfigError(f"train.peak_tflops must be > 0, got {t.peak_tflops}")
 
 
 def batch_arithmetic(train: TrainConfig, world_size: int) -> tuple[int, int]:

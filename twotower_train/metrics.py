@@ -85,6 +85,7 @@ class MetricsLogger:
             ("grad_norm", "{:.3f}", ""),
             ("lr", "{:.2e}", ""),
             ("tokens_per_s", "{:,.0f}", _CYAN),
+            ("mfu", "{:.2%}", _CYAN),
             ("mem_gib", "{:.2f}", _DIM),
         ):
             if key in m and m[key] is not None:

@@ -24,6 +24,7 @@ from torch import nn
 from twotower_train.backbones import build_two_tower, load_backbone, load_tokenizer
 from twotower_train.config import Config, Objective, batch_arithmetic, to_yaml
 from twotower_train.data.loader import Loader, build_loader
+from twotower_train.engine.activation_checkpointing import checkpoint_trained_tower
 from twotower_train.engine.checkpoint import CheckpointManager
 from twotower_train.engine.deepspeed_engine import build_engine, trainable_state_dict
 from twotower_train.engine.distributed import (
@@ -34,7 +35,9 @@ from twotower_train.engine.distributed import (
     device_for,
     init_distributed,
 )
+from twotower_train.engine.precision import PrecisionPlan, apply_precision, plan_precision
 from twotower_train.metrics import MetricsLogger, info
+from twotower_train.mfu import device_peak_tflops, mfu, objective_flops_per_sequence
 from twotower_train.objectives import CausalLMObjective, TwoTowerObjective
 from twotower_train.release import publish
 
@@ -87,6 +90,10 @@ class Run:
     step: int = 0
     resumed: bool = False
     n_params: tuple[int, int] = (0, 0)  # trainable, all
+    precision: PrecisionPlan | None = None  # what runs (engine/precision.py)
+    flops_per_sequence: float = 0.0  # model FLOPs of one training row (mfu.py)
+    peak_tflops: float | None = None  # one device's peak, for `mfu` (None: not logged)
+    peak_source: str = ""
     final: dict = field(default_factory=dict)
 
     @property
@@ -126,6 +133,10 @@ def setup(cfg: Config, run_dir: Path | None) -> Run:
     checkpoint (``run.resume``), log to ``metrics.jsonl``; None: nothing is written."""
     env = init_distributed()
     device = device_for(env)
+    # What this machine runs for `precision`: FP8 it cannot run stops here, before any work.
+    precision = plan_precision(cfg.precision, device)
+    if precision.note and env.is_main:
+        info(precision.note)
     if run_dir is not None and env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -152,7 +163,19 @@ def setup(cfg: Config, run_dir: Path | None) -> Run:
         sum(p.numel() for p in objective.parameters() if p.requires_grad),
         sum(p.numel() for p in objective.parameters()),
     )
-    engine, _, scheduler = engine_for(objective.to(device), cfg, grad_accum, env.world_size)
+    passes = 2 if two_tower and cfg.diffusion.complementary else 1
+    flops = objective_flops_per_sequence(objective, cfg.data.seq_len, passes)
+    # Applied to the model from outside, after the plain template copy, before DeepSpeed.
+    objective.to(device)
+    autocast = apply_precision(objective.model, cfg.precision, precision)
+    if cfg.train.activation_checkpointing:
+        checkpoint_trained_tower(objective.model, autocast)
+    peak, peak_source = None, ""
+    if env.is_main:
+        peak, peak_source = device_peak_tflops(
+            device, cfg.precision.dtype.torch, precision.fp8, cfg.train.peak_tflops
+        )
+    engine, _, scheduler = engine_for(objective, cfg, grad_accum, env.world_size)
     torch.manual_seed(cfg.run.seed + 1000 * env.rank)  # per-rank noise from here on
 
     run = Run(
@@ -177,6 +200,10 @@ def setup(cfg: Config, run_dir: Path | None) -> Run:
             enabled=env.is_main and run_dir is not None,
         ),
         n_params=n_params,
+        precision=precision,
+        flops_per_sequence=flops,
+        peak_tflops=peak,
+        peak_source=peak_source,
     )
     if run_dir is not None:
         run.ckpt = CheckpointManager(run_dir / "checkpoints", env, cfg.train.keep_last)
@@ -293,11 +320,27 @@ def _announce(run: Run) -> None:
     info(
         f"{cfg.recipe}: {cfg.train.objective.value} objective, {env.launcher} "
         f"x{env.world_size} on {run.device.type}, ZeRO-{cfg.deepspeed.stage} "
-        f"{cfg.precision.dtype.value}, {trainable / 1e6:.2f}M of {total / 1e6:.2f}M params "
+        f"{_precision_text(run)}, {trainable / 1e6:.2f}M of {total / 1e6:.2f}M params "
         f"trainable, seq_len {cfg.data.seq_len}, global batch {run.global_batch} "
         f"({cfg.train.micro_batch_size} x {run.grad_accum} x {env.world_size})"
+        + (", activation checkpointing" if cfg.train.activation_checkpointing else "")
         + (f", resumed at step {run.step}" if run.resumed else "")
     )
+    peak = f"{run.peak_tflops:.3g} TFLOP/s, " if run.peak_tflops else ""
+    info(
+        f"mfu: {run.flops_per_sequence / cfg.data.seq_len / 1e6:.3g} MFLOP per token over "
+        f"{peak}{run.peak_source}"
+    )
+
+
+def _precision_text(run: Run) -> str:
+    p, plan = run.cfg.precision, run.precision
+    if plan is None or plan.backend.value == "torch":
+        return p.dtype.value
+    if not plan.fp8:
+        return f"{p.dtype.value} {plan.backend.value}"
+    recipe = p.recipe.value + (", context fp8" if p.context_fp8 else "")
+    return f"{p.dtype.value} {plan.backend.value} fp8 ({recipe})"
 
 
 def _log_step(run: Run, meter: StepMeter) -> None:
@@ -308,12 +351,20 @@ def _log_step(run: Run, meter: StepMeter) -> None:
         raise FloatingPointError(f"loss is {avg['loss']} at step {run.step}")
     grad_norm = run.engine.get_global_grad_norm()
     window = time.perf_counter() - meter.t0
+    tokens_per_s = steps * run.tokens_per_step / window
     sec_per_step = meter.elapsed() / (run.step - meter.start_step)
     metrics = {
         **avg,
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
         "lr": run.scheduler.get_last_lr()[0],
-        "tokens_per_s": steps * run.tokens_per_step / window,
+        "tokens_per_s": tokens_per_s,
+        "mfu": mfu(
+            run.flops_per_sequence,
+            tokens_per_s,
+            run.cfg.data.seq_len,
+            run.env.world_size,
+            run.peak_tflops,
+        ),
         "tokens": run.step * run.tokens_per_step,
         "eta_s": sec_per_step * (run.cfg.train.steps - run.step),
         "mem_gib": _memory_gib(run.device),

@@ -158,6 +158,7 @@ def consolidated_state(root: Path, tag: str) -> dict[str, torch.Tensor]:
         states = torch.load(
             path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
         )
-        return {k: v.float() for k, v in states["module"].items()}
+        # (not a tensor: a module's extra state, e.g. Transformer Engine's FP8 metadata)
+        return {k: v.float() for k, v in states["module"].items() if torch.is_tensor(v)}
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path} is corrupt: {first_line(exc)}") from None

@@ -95,6 +95,13 @@ def running(model: nn.Module, run):
         _RUN.reset(token)
 
 
+def current_run():
+    """The run of the tower call in progress (None outside one): what an activation
+    recompute of a layer, which happens after the call has returned, must re-enter with
+    ``running`` (``engine/activation_checkpointing.py``)."""
+    return _RUN.get()
+
+
 # -- what a tower call holds -------------------------------------------------------------------
 
 
