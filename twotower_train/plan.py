@@ -15,7 +15,10 @@ parameters, Ψc = frozen (context tower) parameters, N = ``plan.gpus``, w = 2 (b
                     for fp32 weights; plain fp32 AdamW at stage 0: 8 Ψd) (/N at stages 1-3)
                     + 4 Ψd / N with bf16 at stages 1-3: the gradient partition in fp32
     ZeRO buffers    stages 1-2: reduce + all-gather buckets (w x bucket elements);
-                    stage 3: the largest module gathered twice over (current + prefetch)
+                    stage 3: w x (max(largest module, min(Ψd, 1e9)) + 5e7 + reduce bucket):
+                    DeepSpeed's defaults keep up to 1e9 gathered parameters alive (the
+                    denoiser's stay gathered from forward to backward, which reuses them),
+                    plus the prefetch and reduce buckets
     activations     T = micro_batch x seq_len tokens, ``layer_activation_bytes`` per layer
                     (what autograd saves for the backward), the LM heads, the context
                     tower's K/V, Mamba states and logits that the denoiser reads; with
@@ -41,6 +44,8 @@ from twotower_train.config import Config, ContextPlacement, PlanDevice
 from twotower_train.model import TwoTowerModel
 
 GIB = 2**30
+ZERO3_MAX_LIVE = 10**9  # DeepSpeed's stage3_max_live_parameters / max_reuse_distance defaults
+ZERO3_PREFETCH = 50_000_000  # stage3_prefetch_bucket_size default
 
 
 @dataclass
@@ -295,7 +300,11 @@ def estimate(shape: ModelShape, cfg: Config, stage: int, checkpointing: bool) ->
     # bf16 with a master copy: the gradient partition is cast to fp32 for the step
     master_grads = 4 * pd / n if w == 2 and stage > 0 else 0.0
     if stage == 3:
-        buffers = 2 * w * shape.largest_module
+        # DeepSpeed's defaults keep up to 1e9 gathered parameters alive (max_live_parameters,
+        # max_reuse_distance: the denoiser's, reused by its backward, stay gathered from the
+        # forward on) and the largest module whole; + the prefetch and reduce buckets
+        live = max(shape.largest_module, min(pd, ZERO3_MAX_LIVE))
+        buffers = w * (live + ZERO3_PREFETCH + cfg.deepspeed.reduce_bucket_size)
     elif stage > 0:
         buffers = w * (cfg.deepspeed.reduce_bucket_size + cfg.deepspeed.allgather_bucket_size)
     else:
