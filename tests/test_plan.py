@@ -148,3 +148,17 @@ def test_command_line_plan_and_its_errors(capsys) -> None:
         assert exc.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+def test_smoke_recipe_keeps_qwen3_shapes_but_its_layer_count() -> None:
+    """`qwen3_0_6b_smoke` is the published Qwen3-0.6B architecture with fewer layers."""
+    from transformers import AutoConfig
+
+    published = AutoConfig.from_pretrained(SHIPPED_CONFIGS["Qwen/Qwen3-0.6B"]).to_dict()
+    published.update(published.get("rope_parameters") or {})  # transformers 5 nests rope_theta
+    smoke = compose(["recipe=qwen3_0_6b_smoke"]).backbone.config
+    assert smoke["model_type"] == published["model_type"]
+    for key, value in smoke.items():
+        if key not in ("model_type", "num_hidden_layers"):
+            assert published[key] == pytest.approx(value), key
+    assert smoke["num_hidden_layers"] < published["num_hidden_layers"]
