@@ -46,7 +46,7 @@ def test_context_tower_never_trains_under_zero3_in_either_placement() -> None:
             assert not {id(p) for p in ctx_params} & {id(p) for p in run.engine.parameters()}
             before = {k: v.clone() for k, v in context.state_dict().items()}
         got[placement] = []
-        for _ in range(3):
+        for _ in range(2):
             out = run.engine(run.next_batch())
             run.engine.backward(out["loss"])
             run.engine.step()
@@ -57,9 +57,10 @@ def test_context_tower_never_trains_under_zero3_in_either_placement() -> None:
                 assert torch.equal(v, before[k]), k
     # the placement changes where the weights live, not the math: same batches, same noise
     assert got["replicate"] == pytest.approx(got["shard"], rel=1e-5)
-    assert got["shard"][2] != got["shard"][0]  # it trained
+    assert got["shard"][1] != got["shard"][0]
 
 
+@pytest.mark.slow
 def test_replicated_context_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     """Checkpoints of a replicated run hold no context tower (frozen: rebuilt from the
     backbone) and resume exactly."""
