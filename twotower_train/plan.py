@@ -36,7 +36,7 @@ buffers come on top (docs/recipes.md compares with a measured run).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -76,6 +76,8 @@ class LayerShape:
 
 @dataclass
 class ModelShape:
+    """What the estimate reads off a built model (``model_shape``)."""
+
     trainable: int
     frozen: int
     hidden: int
@@ -96,8 +98,7 @@ class Estimate:
     optimizer: float
     buffers: float
     activations: float
-    host: float = 0.0
-    parts: dict = field(default_factory=dict)
+    host: float = 0.0  # plan.device=cpu: the run's fp32 template copy
 
     @property
     def total(self) -> float:
