@@ -60,7 +60,6 @@ def test_context_tower_never_trains_under_zero3_in_either_placement() -> None:
     assert got["shard"][1] != got["shard"][0]
 
 
-@pytest.mark.slow
 def test_replicated_context_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     """Checkpoints of a replicated run hold no context tower (frozen: rebuilt from the
     backbone) and resume exactly."""
