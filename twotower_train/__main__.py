@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
             from twotower_train.train import train
 
             train(cfg)
+        elif cfg.mode == Mode.plan:
+            from twotower_train.plan import run_plan
+
+            run_plan(cfg)
         elif cfg.mode == Mode.release:
             from twotower_train.train import release_from_checkpoint
 

@@ -6,7 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 from twotower_train.config import BackboneConfig, InitMode
 from twotower_train.errors import first_line
@@ -18,6 +24,13 @@ SHIPPED_BACKBONES = {
     "tiny_nemotron_h": ASSETS / "backbones" / "tiny_nemotron_h",
 }
 TINY_WORLD_TOKENIZER = ASSETS / "tiny_world" / "tokenizer"
+# Published config.json files (no weights) of the real backbones the recipes name, so
+# `mode=plan` needs no network: assets/configs/README.md says where each comes from.
+SHIPPED_CONFIGS = {
+    "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16": ASSETS / "configs" / "nemotron_3_nano_30b_a3b",
+    "Qwen/Qwen3-0.6B": ASSETS / "configs" / "qwen3_0_6b",
+    "meta-llama/Llama-3.2-1B": ASSETS / "configs" / "llama_3_2_1b",
+}
 
 
 class BackboneError(RuntimeError):
@@ -57,21 +70,51 @@ def load_tokenizer(cfg: BackboneConfig):
     return tok
 
 
+def scratch_config(cfg: BackboneConfig, tokenizer) -> PretrainedConfig:
+    """The HF config of ``backbone.init=scratch``: ``backbone.config``, with the vocabulary
+    size and special tokens of ``tokenizer`` where it does not set them."""
+    kwargs = dict(cfg.config)
+    model_type = kwargs.pop("model_type")
+    kwargs.setdefault("vocab_size", len(tokenizer))
+    kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
+    kwargs.setdefault("bos_token_id", tokenizer.bos_token_id)
+    try:
+        return AutoConfig.for_model(model_type, **kwargs)
+    except Exception as exc:
+        raise BackboneError(f"cannot build a '{model_type}' backbone: {first_line(exc)}") from None
+
+
+def backbone_config(cfg: BackboneConfig) -> PretrainedConfig:
+    """The backbone's HF config without its weights and without the network: from
+    ``backbone.config`` (scratch), a shipped backbone or config (``SHIPPED_CONFIGS``), a local
+    folder, or the Hugging Face cache."""
+    if cfg.init == InitMode.scratch:
+        return scratch_config(cfg, load_tokenizer(cfg))
+    name = cfg.name_or_path
+    if name in SHIPPED_CONFIGS:
+        source, offline = str(SHIPPED_CONFIGS[name]), {}
+    else:
+        source, offline = resolve(name), {"local_files_only": True}
+    try:
+        return AutoConfig.from_pretrained(source, revision=cfg.revision, **offline)
+    except Exception as exc:
+        known = ", ".join(sorted(SHIPPED_CONFIGS))
+        raise BackboneError(
+            f"no config for backbone '{name}' offline (a shipped name or config: {known}; a "
+            f"local folder; or the Hugging Face cache): {first_line(exc)}"
+        ) from None
+
+
 def load_backbone(cfg: BackboneConfig, tokenizer) -> PreTrainedModel:
     """The AR backbone in fp32 on CPU (the engine moves and casts it)."""
     if cfg.init == InitMode.scratch:
-        kwargs = dict(cfg.config)
-        model_type = kwargs.pop("model_type")
-        kwargs.setdefault("vocab_size", len(tokenizer))
-        kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-        kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
-        kwargs.setdefault("bos_token_id", tokenizer.bos_token_id)
+        config = scratch_config(cfg, tokenizer)
         try:
-            config = AutoConfig.for_model(model_type, **kwargs)
             return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         except Exception as exc:
             raise BackboneError(
-                f"cannot build a '{model_type}' backbone: {first_line(exc)}"
+                f"cannot build a '{config.model_type}' backbone: {first_line(exc)}"
             ) from None
     source = resolve(cfg.name_or_path)
     try:

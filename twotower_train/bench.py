@@ -5,6 +5,8 @@
     doc-mask  two-tower training step time with and without document masking
     precision step time, MFU and loss parity of precision settings (TE / torchao FP8)
     decode    AR vs block-diffusion decoding: tokens/s, tokens per denoiser forward
+    memory    peak memory per rank (CPU: resident set) at setup and over training steps,
+              beside `mode=plan`'s estimate; run it under torchrun for several ranks
 
 Each command prints one line per measurement and a final JSON line. Add a command by
 writing `add_X_args(parser)` and `run_X(args)` and listing them in COMMANDS.
@@ -491,6 +493,120 @@ def run_compare(args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
+# bench memory
+# ---------------------------------------------------------------------------------------
+
+
+def add_memory_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", default="qwen3_0_6b_smoke")
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps measured")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+
+
+def _proc_status_gib(key: str) -> float | None:
+    """``VmHWM`` (peak) or ``VmRSS`` (now) of this process from /proc (Linux), in GiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    """Restart this process's peak resident set (``VmHWM``) from its current size."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_gib(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return _proc_status_gib("VmHWM") or 0.0
+
+
+def run_memory(args: argparse.Namespace) -> dict:
+    """Peak memory of each rank while building the run (model, template copy, engine) and
+    while training ``--steps`` steps (peak restarted after setup), the median step time, and
+    the plan's estimate for the same configuration at this world size."""
+    import dataclasses
+
+    import torch
+
+    from twotower_train.config import PlanDevice, compose
+    from twotower_train.plan import estimate, meta_model, model_shape
+    from twotower_train.train import setup
+
+    cfg = compose([f"recipe={args.recipe}", *args.overrides])
+    before = _proc_status_gib("VmRSS") or 0.0  # libraries, before any model exists
+    run = setup(cfg, run_dir=None)
+    device = run.device
+    setup_peak = _peak_gib(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif not _reset_peak():
+        raise ValueError("bench memory needs /proc/self/clear_refs (Linux) on CPU")
+    times = []
+    run.engine.train()
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        for _ in range(run.grad_accum):
+            batch = run.next_batch()
+            out = run.engine(batch)
+            run.engine.backward(out["loss"])
+            run.engine.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    mine = {
+        "rank": run.env.rank,
+        "libraries_gib": round(before, 3),
+        "setup_peak_gib": round(setup_peak, 3),
+        "step_peak_gib": round(_peak_gib(device), 3),
+        "step_s": round(statistics.median(times), 3),
+        "loss": float(out["loss"].detach()),
+    }
+    ranks = [mine]
+    if torch.distributed.is_initialized():
+        ranks = [None] * run.env.world_size
+        torch.distributed.all_gather_object(ranks, mine)
+    if run.env.rank != 0:
+        return {"rank": run.env.rank}
+    plan_cfg = dataclasses.replace(
+        cfg,
+        plan=dataclasses.replace(
+            cfg.plan,
+            gpus=run.env.world_size,
+            device=PlanDevice.cuda if device.type == "cuda" else PlanDevice.cpu,
+        ),
+    )
+    shape = model_shape(meta_model(plan_cfg))
+    planned = estimate(shape, plan_cfg, cfg.deepspeed.stage, checkpointing=False).total / 2**30
+    for r in ranks:
+        net = r["step_peak_gib"] - (r["libraries_gib"] if device.type != "cuda" else 0.0)
+        _say(
+            f"rank {r['rank']}: setup peak {r['setup_peak_gib']:.2f} GiB, step peak "
+            f"{r['step_peak_gib']:.2f} GiB ({net:.2f} above the {r['libraries_gib']:.2f} GiB "
+            f"of libraries), plan {planned:.2f} GiB ({net / planned - 1:+.0%}), median step "
+            f"{r['step_s']:.2f} s"
+        )
+    return {
+        "recipe": args.recipe,
+        "world_size": run.env.world_size,
+        "zero_stage": cfg.deepspeed.stage,
+        "context_placement": cfg.deepspeed.context_placement.value,
+        "plan_gib": round(planned, 3),
+        "ranks": ranks,
+    }
+
+
+# ---------------------------------------------------------------------------------------
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "data": ("packed tokens/s of the data loader", add_data_args, run_data),
@@ -502,6 +618,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
         run_precision,
     ),
     "decode": ("AR vs block-diffusion decoding tokens/s", add_decode_args, run_decode),
+    "memory": ("peak memory per rank beside the plan's estimate", add_memory_args, run_memory),
     "compare": (
         "this checkout vs a git ref in one process: training step, decoding forwards",
         add_compare_args,

@@ -35,6 +35,7 @@ class Mode(str, Enum):
     train = "train"
     eval = "eval"
     release = "release"  # export run.dir's latest checkpoint (train.release_from_checkpoint)
+    plan = "plan"  # parameters and per-GPU memory on the meta device, no weights (plan.py)
 
 
 class Objective(str, Enum):
@@ -279,6 +280,11 @@ class OptimConfig:
     grad_clip: float = 1.0  # 0 = no clipping
 
 
+class ContextPlacement(str, Enum):
+    shard = "shard"  # ZeRO-3 partitions the frozen context tower with the denoiser
+    replicate = "replicate"  # every rank holds it whole (bf16 with precision=bf16): no gathers
+
+
 @dataclass
 class DeepSpeedConfig:
     stage: int = 0
@@ -286,6 +292,22 @@ class DeepSpeedConfig:
     overlap_comm: bool = False
     reduce_bucket_size: int = 50_000_000
     allgather_bucket_size: int = 50_000_000
+    # The frozen context tower under ZeRO-3 (stages 0-2 always replicate parameters).
+    context_placement: ContextPlacement = ContextPlacement.shard
+
+
+class PlanDevice(str, Enum):
+    cuda = "cuda"  # GPU memory: the run's host-side copies are not counted
+    cpu = "cpu"  # CPU processes: the fp32 template copy a run keeps counts too
+
+
+@dataclass
+class PlanConfig:
+    """``mode=plan`` (twotower_train/plan.py): the world the memory estimate is for."""
+
+    gpus: int = 8  # data-parallel ranks (GPUs, or processes on CPU) ZeRO shards over
+    gpu_memory_gib: float = 80.0  # per-device memory the "fits" column compares with
+    device: PlanDevice = PlanDevice.cuda
 
 
 class PrecisionBackend(str, Enum):
@@ -424,6 +446,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -523,6 +546,11 @@ def check(cfg: Config) -> None:
     t = cfg.train
     if cfg.deepspeed.stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.stage must be 0, 1, 2 or 3, got {cfg.deepspeed.stage}")
+    if cfg.plan.gpus < 1 or cfg.plan.gpu_memory_gib <= 0:
+        raise ConfigError(
+            f"plan.gpus must be >= 1 and plan.gpu_memory_gib > 0, got {cfg.plan.gpus} and "
+            f"{cfg.plan.gpu_memory_gib}"
+        )
     for name in ("steps", "micro_batch_size", "log_every", "ckpt_every", "keep_last"):
         if getattr(t, name) <= 0:
             raise ConfigError(f"train.{name} must be > 0, got {getattr(t, name)}")

@@ -2,6 +2,9 @@
 
 Only parameters with `requires_grad=True` reach the optimizer, so a frozen
 context tower costs no gradient buffers and no optimizer state at any stage.
+Under ZeRO-3 the context tower is partitioned with the denoiser
+(`deepspeed.context_placement=shard`, gathered layer by layer in its forward) or kept
+whole on every rank in the run's dtype (`replicate`: DeepSpeed never sees it).
 """
 
 from __future__ import annotations
@@ -12,7 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from twotower_train.config import DeepSpeedConfig, DType, LRSchedule, OptimConfig
+from twotower_train.config import (
+    ContextPlacement,
+    DeepSpeedConfig,
+    DType,
+    LRSchedule,
+    OptimConfig,
+)
 
 
 def lr_lambda(step: int, total: int, opt: OptimConfig) -> float:
@@ -116,14 +125,41 @@ def build_engine(
         grad_clip=opt.grad_clip,
         dtype=dtype,
     )
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=module,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=config,
-        dist_init_required=False,
-    )
+    replicated = []
+    if ds.stage == 3 and ds.context_placement == ContextPlacement.replicate:
+        replicated = _detach_context_towers(module)
+    try:
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=module,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=config,
+            dist_init_required=False,
+        )
+    finally:
+        # Back as a plain attribute, whole, in the dtype DeepSpeed casts the rest to: outside
+        # the module tree, which ZeRO-3's hooks walk and expect every parameter of to be its
+        # own (nor do checkpoints store it: it is frozen, rebuilt from the backbone).
+        for parent, name, tower in replicated:
+            object.__setattr__(parent, name, tower.to(dtype.torch))
     return engine, optimizer, scheduler
+
+
+def _detach_context_towers(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Take every frozen ``ContextTower`` out of ``module`` (so ``deepspeed.initialize`` does
+    not partition it); returns ``(parent, name, tower)`` to put back."""
+    from twotower_train.model.towers import ContextTower
+
+    found = []
+    for name, child in module.named_modules():
+        if isinstance(child, ContextTower):
+            if any(p.requires_grad for p in child.parameters()):
+                raise ValueError(f"{name} is not frozen: it cannot be replicated")
+            parent_name, _, attr = name.rpartition(".")
+            found.append((module.get_submodule(parent_name), attr, child))
+    for parent, attr, _ in found:
+        delattr(parent, attr)
+    return found
 
 
 def trainable_state_dict(engine) -> dict[str, torch.Tensor]:
