@@ -374,9 +374,9 @@ def plan_text(cfg: Config, shape: ModelShape | None = None) -> str:
         f"{_gib(build_bytes(shape))} GiB (fp32 backbone + denoiser copy + template copy)"
     )
     lines.append(
-        f"fits: total <= plan.gpu_memory_gib={cfg.plan.gpu_memory_gib:g}. Activation "
-        "checkpointing is an estimate of what it would save: the denoiser does not "
-        "checkpoint yet. Formula: twotower_train/plan.py, docs/recipes.md."
+        f"fits: total <= plan.gpu_memory_gib={cfg.plan.gpu_memory_gib:g}. ckpt on: "
+        "train.activation_checkpointing=true (estimated: each denoiser layer keeps its "
+        "input). Formula: twotower_train/plan.py, docs/recipes.md."
     )
     return "\n".join(lines)
 
