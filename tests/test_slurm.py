@@ -34,7 +34,7 @@ TEMPLATES = sorted((REPO / "slurm").glob("*.sbatch"))
 RUN = [
     *TINY,
     "precision=fp32",
-    "train.steps=100",
+    "train.steps=60",
     "train.log_every=1",
     "train.ckpt_every=1000",
 ]
@@ -149,7 +149,7 @@ def reference(tmp_path_factory) -> dict[int, float]:
     assert [r["returncode"] for r in _lines(state / "runs.jsonl")] == [0]
     assert not (state / "requeues.jsonl").exists()  # a finished job does not requeue
     got = losses(root / "run")
-    assert sorted(got) == list(range(1, 101))
+    assert sorted(got) == list(range(1, 61))
     return got
 
 
@@ -213,7 +213,7 @@ def test_time_limit_checkpoints_requeues_resumes_exactly_until_the_limit(
         f"from run.dir)"
     ]
     last = _checkpoint_step(run_dir)
-    assert first < last < 100
+    assert first < last < 60
     got = losses(run_dir)
     assert sorted(got) == list(range(1, last + 1))
     for step in range(1, last + 1):  # steps after the requeue draw from restored RNG states
@@ -241,7 +241,7 @@ def test_torchrun_template_passes_the_signal_to_its_workers(tmp_path: Path, refe
     assert [r["restart"] for r in _lines(state / "requeues.jsonl")] == [0]
     assert "torchrun x2" in out
     got = losses(run_dir)
-    assert sorted(got) == list(range(1, 101))
+    assert sorted(got) == list(range(1, 61))
     for step in got:
         assert got[step] == reference[step], step
 
@@ -316,3 +316,80 @@ def test_wandb_reuses_the_run_id_kept_in_run_dir(tmp_path: Path, monkeypatch) ->
     _start_wandb(cfg, tmp_path, {})
     run_id = (tmp_path / "wandb_id.txt").read_text()
     assert [(c["id"], c["resume"], c["mode"]) for c in calls] == [(run_id, "allow", "offline")] * 2
+
+
+# -- Slurm sweeps: hydra/launcher=slurm ----------------------------------------------------------
+
+
+SWEEP = [*TINY, "train.steps=1,2"]
+
+
+def test_slurm_launcher_config_composes_without_the_plugin() -> None:
+    from twotower_train.cli import _is_slurm
+    from twotower_train.config import hydra_section
+
+    launcher = hydra_section(["hydra/launcher=slurm", "hydra.launcher.partition=debug"])["launcher"]
+    assert _is_slurm(launcher) and launcher["partition"] == "debug"
+    assert launcher["tasks_per_node"] == 8 and launcher["signal_delay_s"] == 300
+    assert not _is_slurm(hydra_section([])["launcher"])  # the basic launcher by default
+    compose(["hydra/launcher=slurm", "train.steps=3"])  # a job's config is unaffected
+    with pytest.raises(ConfigError, match="unknown config key 'hydra.launcher.partitio'"):
+        compose(["hydra/launcher=slurm", "hydra.launcher.partitio=debug"])
+
+
+def test_slurm_sweep_without_submitit_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    from twotower_train import cli
+
+    monkeypatch.setitem(sys.modules, "submitit", None)  # import submitit -> ImportError
+    with pytest.raises(ValueError, match=r"^hydra/launcher=slurm submits through submitit: pip"):
+        cli.multirun(["hydra/launcher=slurm", *SWEEP, f"run.dir={tmp_path / 'sweep'}"])
+
+
+def test_slurm_sweep_submits_an_array_of_requeueing_jobs(tmp_path: Path, monkeypatch) -> None:
+    """Through submitit (skipped without it: pip install 'twotower-train[slurm]'): one job
+    array, USR1 time-limit warning and --requeue, the launcher's settings, and each job the
+    command line of its sweep point in its own run.dir."""
+    pytest.importorskip("submitit")
+    import pickle
+
+    import yaml
+
+    from twotower_train import cli
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(
+        f'#!/bin/bash\ncp "$1" {tmp_path}/submitted.sh\necho "Submitted batch job 4242"\n'
+    )
+    (bin_dir / "srun").write_text("#!/bin/bash\n")  # submitit looks for it
+    for tool in ("sbatch", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    root = tmp_path / "sweep"
+    launcher = ["hydra/launcher=slurm", "hydra.launcher.partition=debug"]
+    status = cli.multirun(
+        [*launcher, "hydra.launcher.signal_delay_s=240", *SWEEP, f"run.dir={root}"]
+    )
+    assert status == 0
+    script = (tmp_path / "submitted.sh").read_text()
+    for line in (
+        "#SBATCH --signal=USR1@240",
+        "#SBATCH --requeue",
+        "#SBATCH --partition=debug",
+        "#SBATCH --array=0-1%2",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --time=1440",
+    ):
+        assert line in script.splitlines(), line
+    record = yaml.safe_load((root / "multirun.yaml").read_text())
+    assert record["launcher"] == "slurm"
+    assert [j["slurm_job_id"] for j in record["jobs"]] == ["4242_0", "4242_1"]
+    submitted = sorted((root / ".submitit").glob("4242_*/*_submitted.pkl"))
+    assert len(submitted) == 2
+    for n, path in enumerate(submitted):
+        job = pickle.loads(path.read_bytes()).function
+        assert isinstance(job, cli.SlurmSweepJob)
+        assert not [o for o in job.overrides if "hydra" in o]  # launcher settings stay out
+        cfg = compose(job.overrides)
+        assert cfg.train.steps == n + 1 and cfg.run.dir == str(root / str(n))
