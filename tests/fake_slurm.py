@@ -6,8 +6,9 @@ writes them; put ``bin_dir`` first on PATH.
   command line's options win), exports the ``SLURM_*`` variables of a job on
   ``--nodes`` local "nodes" and runs ``bash SCRIPT ARGS`` in the foreground (as ``sbatch
   --wait`` would). Like the controller, it runs the script again with
-  ``SLURM_RESTART_COUNT`` + 1 whenever the job asked for a requeue while it ran. Each run
-  is a line of ``STATE/runs.jsonl``; the exit status is the last run's.
+  ``SLURM_RESTART_COUNT`` + 1 whenever the job asked for a requeue while it ran
+  (``$FAKE_SLURM_RESTART_COUNT``: the first run's count, as after Slurm's own requeue).
+  Each run is a line of ``STATE/runs.jsonl``; the exit status is the last run's.
 - ``srun [--ntasks-per-node=N] CMD ...``: starts the step's tasks (``SLURM_PROCID``,
   ``SLURM_LOCALID``, ``SLURM_NODEID``, ``SLURM_NTASKS``), writes their pids to
   ``STATE/tasks.json`` (where a test sends Slurm's signals), waits, returns the highest exit
@@ -56,7 +57,7 @@ env.update(
     SLURM_SUBMIT_DIR=os.getcwd(),
 )
 (state / "directives.json").write_text(json.dumps(directives))
-restart = 0
+restart = int(os.environ.get("FAKE_SLURM_RESTART_COUNT", "0"))  # > 0: a job Slurm requeued
 while True:
     if restart:
         env["SLURM_RESTART_COUNT"] = str(restart)

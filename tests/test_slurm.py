@@ -227,6 +227,32 @@ def test_time_limit_checkpoints_requeues_resumes_exactly_until_the_limit(
 
 
 @pytest.mark.slow
+def test_preemption_checkpoints_and_leaves_the_requeue_to_slurm(tmp_path: Path, reference) -> None:
+    """SIGTERM (preemption): every rank checkpoints and exits 0, the job does not requeue
+    itself; the job Slurm requeues (restart 1) resumes with the uninterrupted run's losses."""
+    env, state = _slurm(tmp_path)
+    run_dir = tmp_path / "run"
+    args = [*RUN, f"run.dir={run_dir}"]
+    proc = _sbatch(env, "train.sbatch", args)
+    _signal_tasks(state, 0, run_dir, 3, proc, sig=signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    stopped = _checkpoint_step(run_dir)
+    assert f"SIGTERM: checkpoint saved at step {stopped}" in out and stopped < 60
+    assert not (state / "requeues.jsonl").exists()  # Slurm's requeue, not the job's
+    proc = _sbatch({**env, "FAKE_SLURM_RESTART_COUNT": "1"}, "train.sbatch", args)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert f"resumed at step {stopped}" in out
+    assert [r["restart"] for r in _lines(state / "runs.jsonl")] == [0, 1]
+    assert not (state / "requeues.jsonl").exists()  # finished: no requeue
+    got = losses(run_dir)
+    assert sorted(got) == list(range(1, 61))
+    for step in got:
+        assert got[step] == reference[step], step
+
+
+@pytest.mark.slow
 def test_torchrun_template_passes_the_signal_to_its_workers(tmp_path: Path, reference) -> None:
     """Two "nodes" of one torchrun each (c10d rendezvous): SIGUSR1 reaches only the torchrun
     agents, which hand it to their workers; the job requeues once and finishes."""
