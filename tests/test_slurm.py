@@ -180,6 +180,7 @@ def test_template_refuses_a_job_without_run_dir(tmp_path: Path) -> None:
         assert not (state / "tasks.json").exists()  # nothing was started
 
 
+@pytest.mark.slow
 def test_time_limit_checkpoints_requeues_resumes_exactly_until_the_limit(
     tmp_path: Path, reference
 ) -> None:
