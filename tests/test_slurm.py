@@ -364,6 +364,15 @@ def test_slurm_launcher_config_composes_without_the_plugin() -> None:
         compose(["hydra/launcher=slurm", "hydra.launcher.partitio=debug"])
 
 
+def test_a_launcher_without_m_is_refused() -> None:
+    from twotower_train import cli
+
+    with pytest.raises(ValueError, match=r"^hydra/launcher=slurm chooses where a sweep's jobs"):
+        cli.parse(["hydra/launcher=slurm", "train.steps=3"])  # would train right here
+    assert cli.parse(["-m", "hydra/launcher=slurm"]).multirun
+    assert cli.parse(["--cfg", "all", "hydra/launcher=slurm"]).cfg == "all"
+
+
 def test_slurm_sweep_without_submitit_is_one_line(tmp_path: Path, monkeypatch) -> None:
     from twotower_train import cli
 

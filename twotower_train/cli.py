@@ -74,6 +74,9 @@ def parse(argv: list[str]) -> Args:
         raise ValueError("--resolve goes with --cfg job|all")
     if args.multirun and args.cfg is not None:
         raise ValueError("--cfg prints one config; drop -m (or print one job's config)")
+    launcher = [o for o in args.overrides if o.lstrip("+~").startswith("hydra/launcher=")]
+    if launcher and not args.multirun and args.cfg is None:
+        raise ValueError(f"{launcher[0]} chooses where a sweep's jobs run: add -m")
     return args
 
 
