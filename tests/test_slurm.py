@@ -38,6 +38,7 @@ RUN = [
     "train.log_every=1",
     "train.ckpt_every=1000",
 ]
+JOB_TIMEOUT = 900  # generous: the CPU is shared, a job takes 15-200 s
 TWO_TASKS = ["--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0"]
 
 _WANDB_STANDIN = """
@@ -98,7 +99,17 @@ def _sbatch(env, template: str, args: list[str], options=TWO_TASKS) -> subproces
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # the job's processes: one group, killed if the test fails
     )
+
+
+def _wait(proc: subprocess.Popen) -> tuple[str, str]:
+    """The job's output once it ended; on a timeout every process of the job is killed."""
+    try:
+        return proc.communicate(timeout=JOB_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
 
 
 def _lines(path: Path) -> list[dict]:
@@ -117,7 +128,7 @@ def _last_step(run_dir: Path) -> int:
 def _signal_tasks(state: Path, restart: int, run_dir: Path, step: int, proc, sig=signal.SIGUSR1):
     """Send ``sig`` to every task of the job's ``restart``-th run once it logged ``step``,
     as Slurm's --signal does."""
-    deadline = time.time() + 240
+    deadline = time.time() + JOB_TIMEOUT
     while time.time() < deadline:
         assert proc.poll() is None, proc.communicate()
         tasks = (
@@ -130,6 +141,7 @@ def _signal_tasks(state: Path, restart: int, run_dir: Path, step: int, proc, sig
                 os.kill(pid, sig)
             return
         time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
     raise TimeoutError(f"run {restart} did not reach step {step}")
 
 
@@ -143,7 +155,7 @@ def reference(tmp_path_factory) -> dict[int, float]:
     root = tmp_path_factory.mktemp("reference")
     env, state = _slurm(root)
     proc = _sbatch(env, "train.sbatch", [*RUN, f"run.dir={root / 'run'}"])
-    out, err = proc.communicate(timeout=400)
+    out, err = _wait(proc)
     assert proc.returncode == 0, err[-3000:]
     assert "slurm x2" in out  # two ranks through srun's variables
     assert [r["returncode"] for r in _lines(state / "runs.jsonl")] == [0]
@@ -192,13 +204,16 @@ def test_time_limit_checkpoints_requeues_resumes_exactly_until_the_limit(
     args = [*RUN, "logger=wandb", "slurm.max_requeues=1", f"run.dir={run_dir}"]
     proc = _sbatch(env, "train.sbatch", args)
     _signal_tasks(state, 0, run_dir, 3, proc)
-    deadline = time.time() + 240
+    deadline = time.time() + JOB_TIMEOUT
     while not (state / "requeues.jsonl").exists():
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        assert proc.poll() is None, proc.communicate()
+        if time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise TimeoutError("no requeue")
         time.sleep(0.05)
     first = _checkpoint_step(run_dir)  # complete before the requeue
     _signal_tasks(state, 1, run_dir, first + 3, proc)
-    out, err = proc.communicate(timeout=300)
+    out, err = _wait(proc)
 
     assert proc.returncode == EXIT_NOT_REQUEUED, err[-3000:]
     runs = _lines(state / "runs.jsonl")
@@ -236,13 +251,13 @@ def test_preemption_checkpoints_and_leaves_the_requeue_to_slurm(tmp_path: Path, 
     args = [*RUN, f"run.dir={run_dir}"]
     proc = _sbatch(env, "train.sbatch", args)
     _signal_tasks(state, 0, run_dir, 3, proc, sig=signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
+    out, err = _wait(proc)
     assert proc.returncode == 0, err[-3000:]
     stopped = _checkpoint_step(run_dir)
     assert f"SIGTERM: checkpoint saved at step {stopped}" in out and stopped < 60
     assert not (state / "requeues.jsonl").exists()  # Slurm's requeue, not the job's
     proc = _sbatch({**env, "FAKE_SLURM_RESTART_COUNT": "1"}, "train.sbatch", args)
-    out, err = proc.communicate(timeout=300)
+    out, err = _wait(proc)
     assert proc.returncode == 0, err[-3000:]
     assert f"resumed at step {stopped}" in out
     assert [r["restart"] for r in _lines(state / "runs.jsonl")] == [0, 1]
@@ -262,7 +277,7 @@ def test_torchrun_template_passes_the_signal_to_its_workers(tmp_path: Path, refe
     options = ["--nodes=2", "--gpus-per-node=1", "--cpus-per-task=1"]
     proc = _sbatch(env, "train_torchrun.sbatch", [*RUN, f"run.dir={run_dir}"], options)
     _signal_tasks(state, 0, run_dir, 3, proc)
-    out, err = proc.communicate(timeout=400)
+    out, err = _wait(proc)
     assert proc.returncode == 0, err[-3000:]
     assert [r["restart"] for r in _lines(state / "runs.jsonl")] == [0, 1]
     assert [r["restart"] for r in _lines(state / "requeues.jsonl")] == [0]
