@@ -33,10 +33,12 @@ TINY = [
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
+    # no SLURM_*: tests run inside a Slurm job must not requeue it (tests/test_slurm.py fakes it)
     env = {
         k: v
         for k, v in os.environ.items()
         if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+        and not k.startswith("SLURM_")
     }
     env.update(PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", **extra)
     return env

@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(exc))
     from twotower_train.backbones import BackboneError
     from twotower_train.engine.checkpoint import CheckpointError
+    from twotower_train.engine.slurm import EXIT_NOT_REQUEUED, RequeueError
     from twotower_train.model.registry import UnsupportedBackbone
 
     try:
@@ -54,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
             from twotower_train.eval.harness import evaluate_run
 
             evaluate_run(cfg)
+    except RequeueError as exc:  # one line from rank 0; every rank exits with the same status
+        if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) != "0":
+            raise SystemExit(EXIT_NOT_REQUEUED) from None
+        fail(str(exc), code=EXIT_NOT_REQUEUED)
     except (
         ConfigError,
         BackboneError,

@@ -13,6 +13,10 @@
   ``run.dir`` = ``<sweep dir>/<job number>``. The sweep dir is ``run.dir`` if given, else
   ``sweeps/<recipe>_<time>``; it gets ``multirun.yaml`` (the jobs, their overrides and
   exit status). Exit status: 0 when every job succeeded.
+  ``hydra/launcher=slurm`` (conf/hydra/launcher/slurm.yaml, or hydra-submitit-launcher's
+  own ``submitit_slurm``) submits the jobs to Slurm through submitit instead, as one job
+  array, and returns; each job runs the command line in its tasks, checkpoints and requeues
+  itself on the time-limit warning (docs/slurm.md).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+SKIP_GROUPS = ("recipe", "hydra")  # recipes are listed apart; hydra/launcher below
 USAGE = "usage: python -m twotower_train [--help] [--info] [--cfg job|all [--resolve]] [-m] [recipe=NAME] [key=value ...]"
 
 
@@ -69,6 +74,9 @@ def parse(argv: list[str]) -> Args:
         raise ValueError("--resolve goes with --cfg job|all")
     if args.multirun and args.cfg is not None:
         raise ValueError("--cfg prints one config; drop -m (or print one job's config)")
+    launcher = [o for o in args.overrides if o.lstrip("+~").startswith("hydra/launcher=")]
+    if launcher and not args.multirun and args.cfg is None:
+        raise ValueError(f"{launcher[0]} chooses where a sweep's jobs run: add -m")
     return args
 
 
@@ -82,9 +90,12 @@ def help_text() -> str:
         "",
         "Config groups (group=option):",
     ]
-    for group in sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "recipe"):
+    groups = sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in SKIP_GROUPS)
+    for group in groups:
         options = sorted(f.stem for f in group.glob("*.yaml"))
         lines.append(f"  {group.name}: {', '.join(options)}")
+    launchers = sorted(f.stem for f in (CONF_DIR / "hydra" / "launcher").glob("*.yaml"))
+    lines.append(f"  hydra/launcher (with -m): basic, {', '.join(launchers)}")
     lines += ["", f"Recipes (recipe=NAME; default {DEFAULT_RECIPE}):"]
     for path in sorted(RECIPES_DIR.glob("*.yaml")):
         lines.append(f"  {path.stem:<28s} {_first_comment(path)}")
@@ -157,11 +168,13 @@ def multirun(overrides: list[str]) -> int:
     """Run every job of the sweep (see the module docstring); returns the exit status."""
     import yaml
 
-    from twotower_train.config import compose
+    from twotower_train.config import compose, hydra_section
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("-m runs jobs one after another; launch it once, not under torchrun")
-    jobs = sweep_jobs(overrides)
+    # hydra/... and hydra.... overrides choose and set the launcher; they are not job settings
+    launcher = hydra_section([o for o in overrides if _is_hydra(o)])["launcher"]
+    jobs = [[o for o in job if not _is_hydra(o)] for job in sweep_jobs(overrides)]
     given = [o for o in overrides if o.startswith("run.dir=")]
     if given:
         root = Path(given[-1].split("=", 1)[1])
@@ -175,6 +188,17 @@ def multirun(overrides: list[str]) -> int:
         runs.append(job)
     root.mkdir(parents=True, exist_ok=True)
     record = {"sweep": [str(o) for o in overrides], "jobs": []}
+    if _is_slurm(launcher):
+        ids = submit_to_slurm(runs, root, launcher)
+        record["launcher"] = "slurm"
+        for n, (job, job_id) in enumerate(zip(runs, ids)):
+            record["jobs"].append({"number": n, "overrides": job, "slurm_job_id": job_id})
+        (root / "multirun.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+        print(
+            f"[twotower_train] sweep: {len(runs)} jobs submitted to Slurm ({', '.join(ids)}), "
+            f"run dirs {root}/<job number>, logs in {root / '.submitit'}"
+        )
+        return 0
     status = 0
     for n, job in enumerate(runs):
         print(f"[twotower_train] sweep job {n + 1}/{len(runs)}: {' '.join(job)}", flush=True)
@@ -186,3 +210,72 @@ def multirun(overrides: list[str]) -> int:
         f"[twotower_train] sweep: {len(runs)} jobs in {root}, {'all ok' if not status else 'some failed'}"
     )
     return status
+
+
+def _is_hydra(override: str) -> bool:
+    return override.lstrip("+~").startswith(("hydra/", "hydra."))
+
+
+def _is_slurm(launcher: dict) -> bool:
+    return str(launcher.get("_target_", "")).endswith("submitit_launcher.SlurmLauncher")
+
+
+# hydra-submitit-launcher's settings that submitit takes without its `slurm_` prefix
+_SUBMITIT_BASE = (
+    "timeout_min",
+    "cpus_per_task",
+    "gpus_per_node",
+    "tasks_per_node",
+    "mem_gb",
+    "nodes",
+    "name",
+    "stderr_to_stdout",
+)
+
+
+def submit_to_slurm(jobs: list[list[str]], root: Path, launcher: dict) -> list[str]:
+    """Submit every job as one element of a Slurm job array through submitit, with
+    hydra-submitit-launcher's settings ``launcher``; returns the Slurm job ids. Each job gets
+    ``--signal=USR1@signal_delay_s`` and ``--requeue`` (it requeues itself: engine/slurm.py)
+    and logs to ``root/.submitit/``."""
+    try:
+        import submitit
+    except ImportError:
+        raise ValueError(
+            "hydra/launcher=slurm submits through submitit: pip install 'twotower-train[slurm]'"
+        ) from None
+    params = {k: v for k, v in launcher.items() if k not in ("_target_", "submitit_folder")}
+    if "${" in str(params.get("name")):  # the plugin's ${hydra.job.name}
+        params["name"] = "twotower"
+    delay = params.pop("signal_delay_s")
+    # USR1, not submitit's USR2: the training loop's time-limit warning (engine/slurm.py)
+    extra = {"signal": f"USR1@{delay}", "requeue": True, **params.pop("additional_parameters")}
+    try:
+        executor = submitit.AutoExecutor(
+            folder=root / ".submitit" / "%j",
+            cluster="slurm",
+            slurm_max_num_timeout=params.pop("max_num_timeout"),
+        )
+    except RuntimeError as exc:  # no srun here
+        raise ValueError(f"hydra/launcher=slurm: {exc}") from None
+    executor.update_parameters(
+        **{k if k in _SUBMITIT_BASE else f"slurm_{k}": v for k, v in params.items()},
+        slurm_signal_delay_s=delay,
+        slurm_additional_parameters=extra,
+    )
+    with executor.batch():
+        submitted = [executor.submit(SlurmSweepJob(job)) for job in jobs]
+    return [str(job.job_id) for job in submitted]
+
+
+@dataclass
+class SlurmSweepJob:
+    """One job of a Slurm sweep, as submitit runs it on every task of its allocation: the
+    command line in this very process, so Slurm's signals reach the training loop."""
+
+    overrides: list[str]
+
+    def __call__(self) -> int:
+        from twotower_train.__main__ import main
+
+        return main(self.overrides)

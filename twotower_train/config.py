@@ -352,6 +352,17 @@ class LoggerConfig:
     mode: WandbMode = WandbMode.offline
 
 
+@dataclass
+class SlurmConfig:
+    """Under Slurm (docs/slurm.md): a time-limit warning (SIGUSR1) checkpoints and requeues
+    the job; a preempted job (SIGTERM) checkpoints and Slurm requeues it."""
+
+    # Most requeues of one job (SLURM_RESTART_COUNT, whoever requeued it): at the limit the
+    # run checkpoints without requeueing, and a job brought back past it does not start.
+    # 0 = never requeue.
+    max_requeues: int = 20
+
+
 class CommitOrder(str, Enum):
     prefix = "prefix"
     any = "any"
@@ -447,6 +458,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -554,6 +566,8 @@ def check(cfg: Config) -> None:
     for name in ("steps", "micro_batch_size", "log_every", "ckpt_every", "keep_last"):
         if getattr(t, name) <= 0:
             raise ConfigError(f"train.{name} must be > 0, got {getattr(t, name)}")
+    if cfg.slurm.max_requeues < 0:
+        raise ConfigError(f"slurm.max_requeues must be >= 0, got {cfg.slurm.max_requeues}")
     if cfg.data.seq_len < 2:
         raise ConfigError(f"data.seq_len must be >= 2, got {cfg.data.seq_len}")
     if not re.fullmatch(r"\d+|\d+(\.\d+)?\s*[KMGT]B", str(cfg.export.max_shard_size).strip()):

@@ -36,6 +36,12 @@ from twotower_train.engine.distributed import (
     init_distributed,
 )
 from twotower_train.engine.precision import PrecisionPlan, apply_precision, plan_precision
+from twotower_train.engine.slurm import (
+    SlurmJob,
+    check_restart_count,
+    end_of_allocation,
+    requeue,
+)
 from twotower_train.metrics import MetricsLogger, info
 from twotower_train.mfu import device_peak_tflops, mfu, objective_flops_per_sequence
 from twotower_train.objectives import CausalLMObjective, TwoTowerObjective
@@ -227,12 +233,14 @@ def _resume(run: Run) -> None:
 
 
 def train(cfg: Config) -> dict[str, float]:
+    preempt = PreemptionFlag()  # before setup: a signal during setup stops at the first step
+    job = SlurmJob.from_env()
+    check_restart_count(job, cfg.slurm.max_requeues)
     run = setup(cfg, Path(cfg.run.dir))
     engine, t = run.engine, cfg.train
     _announce(run)
-    preempt = PreemptionFlag()
     meter = StepMeter(run.step)
-    over_time = False
+    over_time = stop = False
     engine.train()
     while run.step < t.steps:
         run.objective.progress = run.step / t.steps  # a function of the step: resumes exactly
@@ -264,13 +272,16 @@ def train(cfg: Config) -> dict[str, float]:
                 info(f"train.time_limit_s={t.time_limit_s:g} reached at step {run.step}")
             break
 
-    if run.step == t.steps or over_time:
+    finished = run.step == t.steps or over_time
+    if finished:
         _export(run)
     barrier()
     if run.env.is_main:
         run.logger.summary(run.final)
         info(f"done: {run.step} steps in {meter.elapsed():.1f}s, run dir {run.run_dir}")
     run.logger.close()
+    if stop:
+        _come_back(run, preempt, job, finished)
     return run.final
 
 
@@ -278,15 +289,32 @@ def train(cfg: Config) -> dict[str, float]:
 
 
 class PreemptionFlag:
-    """Set by SIGTERM / SIGUSR1 (Slurm preemption); checked once per step."""
+    """Set by SIGTERM (preemption) / SIGUSR1 (Slurm's time-limit warning); checked once per
+    step. ``raised``: the first signal's name; ``received``: every one's."""
 
     def __init__(self) -> None:
         self.raised: str | None = None
+        self.received: set[str] = set()
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame) -> None:
-        self.raised = signal.Signals(signum).name
+        self.raised = self.raised or signal.Signals(signum).name
+        self.received.add(signal.Signals(signum).name)
+
+
+def _come_back(run: Run, preempt: PreemptionFlag, job: SlurmJob | None, finished: bool) -> None:
+    """After a signal's checkpoint (complete on every rank): requeue the Slurm job on the
+    time-limit warning, from rank 0 (engine/slurm.py); raises ``RequeueError`` at the limit."""
+    signals = {s for s in ("SIGTERM", "SIGUSR1") if any_rank(s in preempt.received, run.device)}
+    if end_of_allocation(signals, job, run.cfg.slurm.max_requeues, finished=finished):
+        if run.env.is_main:
+            requeue(job)
+            info(
+                f"requeued Slurm job {job.job_id} (requeue {job.restart_count + 1} of at most "
+                f"{run.cfg.slurm.max_requeues}); it resumes from step {run.step}"
+            )
+        barrier()  # no rank exits before the requeue: srun may end the step when one does
 
 
 class StepMeter:
