@@ -84,6 +84,18 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_linear():
+    """An in-process ZeRO-3 engine swaps ``torch.nn.functional.linear`` for DeepSpeed's
+    memory-efficient version and leaves it so ("persists unless manually reset"); later tests
+    in the same process must see torch's own."""
+    import torch
+
+    original = torch.nn.functional.linear
+    yield
+    torch.nn.functional.linear = original
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors: intra-op threads only add sync overhead, and stall on a busy 2-core box.
