@@ -22,10 +22,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-_SBATCH = r"""
-import json, os, re, subprocess, sys
-from pathlib import Path
-
+# Both commands read their options the same way: --key=value (or --flag) up to the first
+# argument that is not an option.
+_OPTIONS = r"""
 state = Path(os.environ["FAKE_SLURM_STATE"])
 args = sys.argv[1:]
 opts, i = {}, 0
@@ -33,7 +32,15 @@ while i < len(args) and args[i].startswith("-"):
     key, _, value = args[i].lstrip("-").partition("=")
     opts[key] = value
     i += 1
-script, script_args = args[i], args[i + 1:]
+"""
+
+_SBATCH = (
+    r"""
+import json, os, re, subprocess, sys
+from pathlib import Path
+"""
+    + _OPTIONS
+    + r"""script, script_args = args[i], args[i + 1:]
 directives = {}
 for line in Path(script).read_text().splitlines():
     m = re.match(r"#SBATCH\s+--([\w-]+)(?:=(\S+))?", line)
@@ -70,19 +77,15 @@ while True:
         sys.exit(proc.returncode)
     restart += 1
 """
+)
 
-_SRUN = r"""
+_SRUN = (
+    r"""
 import json, os, signal, subprocess, sys, time
 from pathlib import Path
-
-state = Path(os.environ["FAKE_SLURM_STATE"])
-args = sys.argv[1:]
-opts, i = {}, 0
-while i < len(args) and args[i].startswith("-"):
-    key, _, value = args[i].lstrip("-").partition("=")
-    opts[key] = value
-    i += 1
-cmd = args[i:]
+"""
+    + _OPTIONS
+    + r"""cmd = args[i:]
 nodes = int(os.environ["SLURM_JOB_NUM_NODES"])
 per_node = int(opts.get("ntasks-per-node", os.environ["SLURM_NTASKS_PER_NODE"]))
 procs = []
@@ -110,6 +113,7 @@ while any(p.poll() is None for p in procs):
     time.sleep(0.05)
 sys.exit(max(p.returncode if p.returncode >= 0 else 128 - p.returncode for p in procs))
 """
+)
 
 _SCONTROL = r"""
 import json, os, re, sys

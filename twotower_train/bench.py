@@ -429,7 +429,6 @@ def _precision_step(run, i: int, steps: int) -> tuple[float, float]:
 
 
 def _precision_result(args, name, run, losses, seconds, trace, mem_gib) -> dict:
-    from twotower_train.mfu import mfu
 
     step_s = statistics.median(seconds[args.warmup :])
     tokens_per_s = run.tokens_per_step / step_s
@@ -440,13 +439,7 @@ def _precision_result(args, name, run, losses, seconds, trace, mem_gib) -> dict:
         "fp8": run.precision.fp8,
         "step_ms": step_s * 1e3,
         "tokens_per_s": tokens_per_s,
-        "mfu": mfu(
-            run.flops_per_sequence,
-            tokens_per_s,
-            run.cfg.data.seq_len,
-            run.env.world_size,
-            run.peak_tflops,
-        ),
+        "mfu": run.mfu(tokens_per_s),
         "mem_gib": mem_gib,
         "final_loss": statistics.mean(losses[-5:]),
         "max_loss_diff_vs_baseline": drift,

@@ -111,6 +111,16 @@ class Run:
             k: v.to(self.device, non_blocking=True) for k, v in self.loader.next_batch().items()
         }
 
+    def mfu(self, tokens_per_s: float) -> float | None:
+        """Model FLOPs utilisation at ``tokens_per_s`` (all ranks) of this run (mfu.py)."""
+        return mfu(
+            self.flops_per_sequence,
+            tokens_per_s,
+            self.cfg.data.seq_len,
+            self.env.world_size,
+            self.peak_tflops,
+        )
+
     def trained_model(self) -> nn.Module:
         """A plain fp32 copy of the trained model (collective under ZeRO-3: call on every
         rank): the untrained template with the trained parameters loaded into it."""
@@ -386,13 +396,7 @@ def _log_step(run: Run, meter: StepMeter) -> None:
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
         "lr": run.scheduler.get_last_lr()[0],
         "tokens_per_s": tokens_per_s,
-        "mfu": mfu(
-            run.flops_per_sequence,
-            tokens_per_s,
-            run.cfg.data.seq_len,
-            run.env.world_size,
-            run.peak_tflops,
-        ),
+        "mfu": run.mfu(tokens_per_s),
         "tokens": run.step * run.tokens_per_step,
         "eta_s": sec_per_step * (run.cfg.train.steps - run.step),
         "mem_gib": _memory_gib(run.device),
