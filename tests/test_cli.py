@@ -52,6 +52,16 @@ def test_cli_errors_are_one_line() -> None:
         assert len(lines) == 1 and message in lines[0], (args, lines)
 
 
+def test_a_run_that_cannot_start_writes_nothing(tmp_path: Path) -> None:
+    """A backbone or data that fails to load: one line, exit 2, no run folder left behind."""
+    for override in ["backbone.name_or_path=/nonexistent/model", "data.source=jsonl"]:
+        run_dir = tmp_path / override.split("=")[0]
+        proc = run_cli([override, f"run.dir={run_dir}"])
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith("twotower_train: error: ")
+        assert not run_dir.exists(), sorted(p.name for p in run_dir.iterdir())
+
+
 def test_multirun_sweeps_each_job_in_its_own_dir(tmp_path: Path) -> None:
     root = tmp_path / "sweep"
     proc = run_cli(["-m", *TINY, "train.steps=1,2", f"run.dir={root}"], timeout=600)

@@ -153,10 +153,6 @@ def setup(cfg: Config, run_dir: Path | None) -> Run:
     precision = plan_precision(cfg.precision, device)
     if precision.note and env.is_main:
         info(precision.note)
-    if run_dir is not None and env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    barrier()
     grad_accum, global_batch = batch_arithmetic(cfg.train, env.world_size)
 
     torch.manual_seed(cfg.run.seed)  # identical init on every rank
@@ -174,6 +170,11 @@ def setup(cfg: Config, run_dir: Path | None) -> Run:
         log=info if env.is_main else None,
     )
     objective = build_objective(cfg, load_backbone(cfg.backbone, tokenizer), tokenizer)
+    # Written once tokenizer, data and model are built: a run that cannot start leaves nothing.
+    if run_dir is not None and env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    barrier()
     template = copy.deepcopy(objective.model).eval()  # fp32 (context_dtype kept), CPU
     n_params = (
         sum(p.numel() for p in objective.parameters() if p.requires_grad),
