@@ -31,6 +31,18 @@ TINY = [
     "optim.warmup_steps=2",
 ]
 
+# A two-tower run of the TINY model under ZeRO-3, 3 steps, every step logged, no release.
+TINY_TWO_TOWER_ZERO3 = [
+    *TINY,
+    "train.objective=twotower",
+    "denoiser.block_size=8",
+    "precision=fp32",
+    "deepspeed=zero3",
+    "train.steps=3",
+    "train.log_every=1",
+    "export.release=false",
+]
+
 
 def subprocess_env(**extra: str) -> dict[str, str]:
     # no SLURM_*: tests run inside a Slurm job must not requeue it (tests/test_slurm.py fakes it)

@@ -109,23 +109,12 @@ def test_recompute_without_the_run_is_caught(model, monkeypatch):
 def test_zero3_run_with_checkpointing_logs_the_same_losses_and_mfu(tmp_path, capsys) -> None:
     """Through the real engine (DeepSpeed ZeRO-3, parameters partitioned and gathered again
     for the recompute): the same losses as without checkpointing, and `mfu` in the log."""
-    from conftest import TINY, read_metrics
+    from conftest import TINY_TWO_TOWER_ZERO3, read_metrics
 
     from twotower_train.config import compose
     from twotower_train.train import train
 
-    common = [
-        *TINY,
-        "train.objective=twotower",
-        "denoiser.block_size=8",
-        "precision=fp32",
-        "deepspeed=zero3",
-        "train.steps=3",
-        "train.log_every=1",
-        "train.ckpt_every=1000",
-        "export.release=false",
-        "data.val_sequences=0",
-    ]
+    common = [*TINY_TWO_TOWER_ZERO3, "train.ckpt_every=1000", "data.val_sequences=0"]
     runs = {}
     for on in (False, True):
         run_dir = tmp_path / str(on)

@@ -8,23 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, losses
+from conftest import TINY_TWO_TOWER_ZERO3, losses
 
 from twotower_train.config import compose
 from twotower_train.train import setup, train
 
-TWO_TOWER_ZERO3 = [
-    *TINY,
-    "train.objective=twotower",
-    "denoiser.block_size=8",
-    "precision=fp32",
-    "deepspeed=zero3",
-    "train.steps=3",
-    "train.log_every=1",
-    "train.ckpt_every=100",
-    "eval.tasks=[]",
-    "export.release=false",
-]
+TWO_TOWER_ZERO3 = [*TINY_TWO_TOWER_ZERO3, "train.ckpt_every=100", "eval.tasks=[]"]
 
 
 def test_context_tower_never_trains_under_zero3_in_either_placement() -> None:

@@ -283,9 +283,8 @@ def load_release(
     config_file = path / CONFIG_FILE
     if not config_file.is_file() and (path / LEGACY_CONFIG_FILE).is_file():
         config_file = path / LEGACY_CONFIG_FILE
-    for needed in (config_file.name,):
-        if not (path / needed).is_file():
-            raise FileNotFoundError(f"{path} is not a two-tower release: {needed} is missing")
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} is not a two-tower release: {CONFIG_FILE} is missing")
     try:
         values = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
