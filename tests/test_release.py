@@ -389,7 +389,24 @@ def test_the_lm_eval_hook_is_installed_with_the_package() -> None:
     found = [d for d in dirs if (Path(d) / "twotower_train-lm_eval.pth").is_file()]
     assert found, f"no twotower_train-lm_eval.pth in {dirs}: reinstall (pip install -e .)"
     hook = (REPO / "twotower_train-lm_eval.pth").read_text()
-    assert hook.startswith("import twotower_train.lm_eval_hook")
+    assert hook.startswith("import ") and "twotower_train.lm_eval_hook" in hook
+
+
+def test_the_lm_eval_hook_is_quiet_when_the_package_is_gone() -> None:
+    """A .pth left behind by a moved or half-removed install must not print a traceback in
+    every interpreter: the line does nothing when the package cannot be imported."""
+    import subprocess
+
+    line = (REPO / "twotower_train-lm_eval.pth").read_text().strip()
+    gone = line.replace("twotower_train.lm_eval_hook", "twotower_train_gone.lm_eval_hook")
+    assert gone != line
+    proc = subprocess.run(
+        [sys.executable, "-c", gone + "; print('ok')"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok" and not proc.stderr, proc.stderr
 
 
 def test_the_lm_eval_hook_imports_nothing_at_start_up() -> None:
