@@ -43,6 +43,21 @@ TINY_TWO_TOWER_ZERO3 = [
     "export.release=false",
 ]
 
+# The shipped (pretrained) tiny Llama as a two-tower run under ZeRO-3, fp32, 32-token rows:
+# runs that must start from the same weights however they are built.
+SHIPPED_TWO_TOWER_ZERO3 = [
+    "recipe=tiny",
+    "precision=fp32",
+    "deepspeed=zero3",
+    "data.seq_len=32",
+    "data.val_sequences=8",
+    "train.micro_batch_size=2",
+    "train.eval_at_end=false",
+    "denoiser.block_size=8",
+    "eval.tasks=[]",
+    "export.release=false",
+]
+
 
 def subprocess_env(**extra: str) -> dict[str, str]:
     # no SLURM_*: tests run inside a Slurm job must not requeue it (tests/test_slurm.py fakes it)
@@ -67,7 +82,11 @@ def run_cli(args: list[str], timeout: float = 300, **env: str) -> subprocess.Com
     )
 
 
-def run_torchrun(nproc: int, args: list[str], timeout: float = 400) -> subprocess.CompletedProcess:
+def run_torchrun(
+    nproc: int, args: list[str], timeout: float = 400, script: str | None = None
+) -> subprocess.CompletedProcess:
+    """``torchrun`` of ``python -m twotower_train ARGS`` (or of the file ``script``)."""
+    target = [script] if script else ["-m", "twotower_train"]
     return subprocess.run(
         [
             sys.executable,
@@ -75,8 +94,7 @@ def run_torchrun(nproc: int, args: list[str], timeout: float = 400) -> subproces
             "torch.distributed.run",
             f"--nproc_per_node={nproc}",
             "--standalone",
-            "-m",
-            "twotower_train",
+            *target,
             *args,
         ],
         cwd=REPO,

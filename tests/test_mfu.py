@@ -38,17 +38,12 @@ def test_flops_match_a_hand_count(family, n, attn_layers) -> None:
     den = mfu.tower_shape(model.denoiser, model.denoiser.model.config, model.denoiser.layers)
     assert den == shape  # a full copy
 
-    class Objective:  # what objective_flops_per_sequence reads
-        pass
-
-    obj = Objective()
-    obj.model = model
     context = 2 * n * L + 4 * attn_layers * 64 * L * L
     denoiser = 2 * n * L + 4 * attn_layers * 64 * L * (2 * L)
-    assert mfu.objective_flops_per_sequence(obj, L) == context + 3 * denoiser
-    assert mfu.objective_flops_per_sequence(obj, L, passes=2) == context + 6 * denoiser
-    obj.model = backbone  # the AR objective: forward + backward of the backbone
-    assert mfu.objective_flops_per_sequence(obj, L) == 3 * context
+    assert mfu.training_flops_per_sequence(model, L) == context + 3 * denoiser
+    assert mfu.training_flops_per_sequence(model, L, passes=2) == context + 6 * denoiser
+    # the AR objective: forward + backward of the backbone
+    assert mfu.training_flops_per_sequence(backbone, L) == 3 * context
 
 
 def test_top_k_denoiser_counts_only_its_layers() -> None:

@@ -13,6 +13,7 @@ from twotower_train.backbones import SHIPPED_CONFIGS
 from twotower_train.config import RECIPES_DIR, compose
 from twotower_train.plan import (
     ModelShape,
+    build_bytes,
     estimate,
     meta_model,
     model_shape,
@@ -87,6 +88,28 @@ def test_model_states_follow_the_zero_formula() -> None:
     assert (e.weights, e.grads, e.optimizer) == (4 * pd, 4 * pd, 8 * pd)
     e = estimate(shape, fp32, 3, False)  # ZeRO keeps an fp32 master even of fp32 weights
     assert (e.weights, e.grads, e.optimizer) == (pd, pd, 3 * pd)
+
+
+def test_building_partitioned_needs_a_slice_of_the_whole() -> None:
+    """Built whole: fp32 backbone + denoiser copy + template copy on every process. Built
+    partitioned (ZeRO-3, deepspeed.zero_init): w (Ψc + Ψd) / N plus one tensor gathered
+    whole; a replicated context tower is built whole (fp32) on every rank."""
+    shape = ModelShape(10**9, 3 * 10**9, 64, 100, [], [], 1000, largest_tensor=10**6)
+    pd, pc = 10**9, 3 * 10**9
+    cfg = compose(["plan.gpus=4", "precision=bf16", "deepspeed=zero3"])
+    assert build_bytes(shape, cfg, 2) == 8 * (pd + pc)
+    assert build_bytes(shape, cfg, 3) == 2 * (pd + pc) / 4 + 4 * 10**6
+    whole = compose(["plan.gpus=4", "deepspeed=zero3", "deepspeed.zero_init=false"])
+    assert build_bytes(shape, whole, 3) == 8 * (pd + pc)
+    replicated = compose(
+        ["plan.gpus=4", "deepspeed=zero3", "deepspeed.context_placement=replicate"]
+    )
+    assert build_bytes(shape, replicated, 3) == 2 * pd / 4 + 4 * pc
+    # and no fp32 template copy on the host beside a CPU run built partitioned
+    cpu = compose(["plan.gpus=4", "plan.device=cpu", "deepspeed=zero3"])
+    assert estimate(shape, cpu, 3, False).host == 0
+    cpu_whole = compose([*["plan.gpus=4", "plan.device=cpu"], "deepspeed.zero_init=false"])
+    assert estimate(shape, cpu_whole, 3, False).host == 4 * (pd + pc)
 
 
 @pytest.mark.parametrize("model_type", ["qwen3", "llama"])

@@ -3,6 +3,7 @@ or a fresh model built from a config (to pretrain one)."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -125,9 +126,12 @@ def load_backbone(cfg: BackboneConfig, tokenizer) -> PreTrainedModel:
         raise BackboneError(f"cannot load backbone '{source}': {first_line(exc)}") from None
 
 
-def build_two_tower(backbone: PreTrainedModel, tokenizer, config: TwoTowerConfig) -> TwoTowerModel:
+def build_two_tower(
+    backbone: PreTrainedModel, tokenizer, config: TwoTowerConfig, clone=copy.deepcopy
+) -> TwoTowerModel:
     """The one way a run builds its two-tower model: ``config`` with the tokenizer's mask
-    token unless ``config.mask_token_id`` is set. ``backbone`` becomes the context tower."""
+    token unless ``config.mask_token_id`` is set. ``backbone`` becomes the context tower;
+    ``clone`` copies it for the denoiser (``TwoTowerModel.from_backbone``)."""
     mask = config.mask_token_id
     if mask is None:
         mask = tokenizer.mask_token_id
@@ -135,7 +139,7 @@ def build_two_tower(backbone: PreTrainedModel, tokenizer, config: TwoTowerConfig
             raise BackboneError(
                 "the tokenizer has no mask token; set denoiser.mask_token_id to a vocabulary id"
             )
-    return TwoTowerModel.from_backbone(backbone, config, mask_token_id=mask)
+    return TwoTowerModel.from_backbone(backbone, config, clone=clone, mask_token_id=mask)
 
 
 def load_two_tower(source: str, config: TwoTowerConfig | None = None):

@@ -294,6 +294,9 @@ class DeepSpeedConfig:
     allgather_bucket_size: int = 50_000_000
     # The frozen context tower under ZeRO-3 (stages 0-2 always replicate parameters).
     context_placement: ContextPlacement = ContextPlacement.shard
+    # ZeRO-3: build the model partitioned (deepspeed.zero.Init; engine/zero_init.py), so no
+    # process ever holds it whole; false builds it whole first (stages 0-2 always do).
+    zero_init: bool = True
 
 
 class PlanDevice(str, Enum):
@@ -558,6 +561,19 @@ def check(cfg: Config) -> None:
     t = cfg.train
     if cfg.deepspeed.stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.stage must be 0, 1, 2 or 3, got {cfg.deepspeed.stage}")
+    if cfg.deepspeed.stage == 3 and cfg.deepspeed.zero_init:
+        if cfg.precision.backend != PrecisionBackend.torch:
+            raise ConfigError(
+                f"precision.backend={cfg.precision.backend.value} swaps linear layers of a "
+                "whole model: with deepspeed=zero3 set deepspeed.zero_init=false"
+            )
+        ctx = cfg.denoiser.context_dtype
+        if ctx is not None and ctx != cfg.precision.dtype:
+            raise ConfigError(
+                f"denoiser.context_dtype={ctx.value} differs from precision.dtype="
+                f"{cfg.precision.dtype.value}: a partitioned model has one dtype "
+                "(deepspeed.zero_init=false builds it whole)"
+            )
     if cfg.plan.gpus < 1 or cfg.plan.gpu_memory_gib <= 0:
         raise ConfigError(
             f"plan.gpus must be >= 1 and plan.gpu_memory_gib > 0, got {cfg.plan.gpus} and "

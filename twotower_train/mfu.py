@@ -98,11 +98,12 @@ def twotower_flops_per_sequence(
     )
 
 
-def objective_flops_per_sequence(objective: nn.Module, length: int, passes: int = 1) -> float:
-    """Model FLOPs of one training sequence of ``objective`` (``objectives.py``)."""
+def training_flops_per_sequence(model: nn.Module, length: int, passes: int = 1) -> float:
+    """Model FLOPs of one training sequence of an objective's ``model`` (``objectives.py``):
+    a ``TwoTowerModel`` (``passes`` denoiser passes), or an HF causal LM (AR). Read from the
+    shapes of the weights: pass a model whose tensors are whole (or on the meta device)."""
     from twotower_train.model.registry import layer_list
 
-    model = objective.model
     denoiser = getattr(model, "denoiser", None)
     if denoiser is None:  # AR: the HF model itself
         shape = tower_shape(model, model.config, layer_list(model)[1])

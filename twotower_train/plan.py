@@ -25,10 +25,15 @@ parameters, Ψc = frozen (context tower) parameters, N = ``plan.gpus``, w = 2 (b
                     tower's K/V, Mamba states and logits that the denoiser reads; with
                     checkpointing each layer keeps its input (w h per token) and one layer
                     at a time is recomputed
-    build (host)    every process builds the fp32 model and a template copy before ZeRO
-                    partitions it: 8 (Ψc + Ψd) (printed under the table)
+    build (host)    built whole (ZeRO 0-2, or ``deepspeed.zero_init=false``), every process
+                    holds the fp32 model and a template copy before ZeRO partitions it:
+                    8 (Ψc + Ψd); built partitioned (ZeRO-3, ``zero_init``, the default),
+                    its partitions w (Ψc + Ψd) / N plus the largest tensor gathered whole
+                    while it is copied (a replicated context tower: + 4 Ψc, built whole);
+                    printed under the table
     host (cpu)      ``plan.device=cpu``: the fp32 template copy of the whole model a run
-                    keeps for evaluation and export (4 (Ψc + Ψd)) is in the same memory
+                    built whole keeps for evaluation and export (4 (Ψc + Ψd)) is in the same
+                    memory (a partitioned build keeps it on the meta device: nothing)
 
 Estimates, not measurements: allocator slack, fragmentation and the framework's own
 buffers come on top (docs/recipes.md compares with a measured run).
@@ -86,6 +91,7 @@ class ModelShape:
     context_layers: list[LayerShape]  # the backbone's layers
     largest_module: int  # parameters of the largest module ZeRO-3 gathers at once
     model_type: str = ""
+    largest_tensor: int = 0  # elements of the largest single parameter
 
 
 @dataclass
@@ -160,6 +166,7 @@ def model_shape(model: TwoTowerModel) -> ModelShape:
         context_layers=[_layer_shape(layer, config) for layer in model.context.layers],
         largest_module=largest,
         model_type=getattr(config, "model_type", ""),
+        largest_tensor=max(p.numel() for p in model.parameters()),
     )
 
 
@@ -313,7 +320,8 @@ def estimate(shape: ModelShape, cfg: Config, stage: int, checkpointing: bool) ->
         buffers = w * (cfg.deepspeed.reduce_bucket_size + cfg.deepspeed.allgather_bucket_size)
     else:
         buffers = 0.0
-    host = 4 * (pd + pc) if cfg.plan.device == PlanDevice.cpu else 0.0
+    whole_template = not (stage == 3 and cfg.deepspeed.zero_init)
+    host = 4 * (pd + pc) if cfg.plan.device == PlanDevice.cpu and whole_template else 0.0
     return Estimate(
         context=w * pc / (n if shard_context else 1),
         weights=w * pd / (n if stage == 3 else 1),
@@ -325,11 +333,20 @@ def estimate(shape: ModelShape, cfg: Config, stage: int, checkpointing: bool) ->
     )
 
 
-def build_bytes(shape: ModelShape) -> float:
-    """Host memory per process while a run builds its model, before DeepSpeed partitions it:
-    the fp32 backbone, the denoiser's fp32 copy of it, and the template copy of both that the
-    run keeps for evaluation and export (``train.setup``)."""
-    return 2 * 4 * (shape.trainable + shape.frozen)
+def build_bytes(shape: ModelShape, cfg: Config, stage: int) -> float:
+    """Host memory per process while a run builds its model (``train.setup``). Built whole:
+    the fp32 backbone, the denoiser's fp32 copy of it and the template copy of both that the
+    run keeps for evaluation and export, before DeepSpeed partitions anything. Built
+    partitioned (ZeRO-3 with ``deepspeed.zero_init``): each tensor's partition from the
+    start, one tensor gathered whole at a time, the template on the meta device."""
+    pd, pc = shape.trainable, shape.frozen
+    if stage != 3 or not cfg.deepspeed.zero_init:
+        return 2 * 4 * (pd + pc)
+    w = cfg.precision.dtype.torch.itemsize
+    replicate = cfg.deepspeed.context_placement == ContextPlacement.replicate
+    return w * (pd + (0 if replicate else pc)) / cfg.plan.gpus + (
+        4 * pc if replicate else 4 * shape.largest_tensor
+    )
 
 
 def plan_text(cfg: Config, shape: ModelShape | None = None) -> str:
@@ -369,9 +386,15 @@ def plan_text(cfg: Config, shape: ModelShape | None = None) -> str:
                 + f" | {_gib(e.total)} | {fits} |"
             )
     lines.append("")
+    whole, parted = build_bytes(shape, cfg, 2), build_bytes(shape, cfg, 3)
     lines.append(
-        f"host RAM per process while building, before ZeRO partitions anything: "
-        f"{_gib(build_bytes(shape))} GiB (fp32 backbone + denoiser copy + template copy)"
+        f"host RAM per process while building: ZeRO 0-2 {_gib(whole)} GiB (fp32 backbone + "
+        "denoiser copy + template copy, before ZeRO partitions anything); ZeRO-3 "
+        + (
+            f"{_gib(parted)} GiB (built partitioned: deepspeed.zero_init)"
+            if cfg.deepspeed.zero_init
+            else f"{_gib(whole)} GiB (deepspeed.zero_init=false)"
+        )
     )
     lines.append(
         f"fits: total <= plan.gpu_memory_gib={cfg.plan.gpu_memory_gib:g}. ckpt on: "

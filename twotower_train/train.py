@@ -22,11 +22,21 @@ import torch
 from torch import nn
 
 from twotower_train.backbones import build_two_tower, load_backbone, load_tokenizer
-from twotower_train.config import Config, Objective, batch_arithmetic, to_yaml
+from twotower_train.config import (
+    Config,
+    ContextPlacement,
+    Objective,
+    batch_arithmetic,
+    to_yaml,
+)
 from twotower_train.data.loader import Loader, build_loader
 from twotower_train.engine.activation_checkpointing import checkpoint_trained_tower
 from twotower_train.engine.checkpoint import CheckpointManager
-from twotower_train.engine.deepspeed_engine import build_engine, trainable_state_dict
+from twotower_train.engine.deepspeed_engine import (
+    build_engine,
+    deepspeed_config,
+    trainable_state_dict,
+)
 from twotower_train.engine.distributed import (
     DistEnv,
     all_reduce_mean,
@@ -42,22 +52,61 @@ from twotower_train.engine.slurm import (
     end_of_allocation,
     requeue,
 )
+from twotower_train.engine.zero_init import (
+    clone_partitioned,
+    fill_meta,
+    full_numel,
+    gathered_state,
+    tower_parts,
+    zero3_construction,
+)
 from twotower_train.metrics import MetricsLogger, info
-from twotower_train.mfu import device_peak_tflops, mfu, objective_flops_per_sequence
+from twotower_train.mfu import device_peak_tflops, mfu, training_flops_per_sequence
 from twotower_train.objectives import CausalLMObjective, TwoTowerObjective
 from twotower_train.release import publish
 
 
-def build_objective(cfg: Config, backbone, tokenizer) -> nn.Module:
-    """The objective module of ``cfg.train.objective`` around ``backbone``."""
+def build_objective(cfg: Config, backbone, tokenizer, clone=copy.deepcopy) -> nn.Module:
+    """The objective module of ``cfg.train.objective`` around ``backbone`` (``clone``: how
+    the denoiser copies it, ``build_two_tower``)."""
     if cfg.train.objective == Objective.ar:
         return CausalLMObjective(backbone)
     return TwoTowerObjective(
-        build_two_tower(backbone, tokenizer, cfg.denoiser),
+        build_two_tower(backbone, tokenizer, cfg.denoiser, clone),
         cfg.diffusion,
         cfg.distill,
         doc_mask=cfg.data.doc_mask,
         eos_id=tokenizer.eos_token_id,
+    )
+
+
+def build_partitioned(cfg: Config, tokenizer, ds_config: dict) -> tuple[nn.Module, nn.Module]:
+    """``(objective, template)`` built under ZeRO-3 construction (``engine/zero_init.py``):
+    every parameter a partition from the start, the template on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    replicate = cfg.deepspeed.context_placement == ContextPlacement.replicate
+    # A replicated context tower is not DeepSpeed's: built whole (the denoiser is not).
+    backbone = load_backbone(cfg.backbone, tokenizer) if replicate else None
+    with zero3_construction(ds_config):
+        backbone = backbone or load_backbone(cfg.backbone, tokenizer)
+        config = copy.deepcopy(backbone.config)
+        objective = build_objective(cfg, backbone, tokenizer, clone=clone_partitioned)
+    with torch.device("meta"):
+        shell = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        template = build_objective(cfg, shell, tokenizer).model.eval()
+    return objective, template
+
+
+def run_deepspeed_config(cfg: Config, grad_accum: int, world_size: int) -> dict:
+    """The DeepSpeed config dict of the run (``build_engine`` makes the same one)."""
+    return deepspeed_config(
+        cfg.deepspeed,
+        micro_batch_size=cfg.train.micro_batch_size,
+        grad_accum=grad_accum,
+        world_size=world_size,
+        grad_clip=cfg.optim.grad_clip,
+        dtype=cfg.precision.dtype,
     )
 
 
@@ -86,7 +135,9 @@ class Run:
     tokenizer: object
     loader: Loader
     objective: nn.Module  # the module the engine wraps
-    template: nn.Module  # untrained plain copy of objective.model, to load trained weights into
+    # untrained plain copy of objective.model to load trained weights into (on the meta
+    # device when the model was built partitioned: deepspeed.zero_init)
+    template: nn.Module
     engine: object
     scheduler: object
     grad_accum: int
@@ -124,6 +175,9 @@ class Run:
     def trained_model(self) -> nn.Module:
         """A plain fp32 copy of the trained model (collective under ZeRO-3: call on every
         rank): the untrained template with the trained parameters loaded into it."""
+        if next(self.template.parameters()).is_meta:  # built partitioned: gather everything
+            parts = tower_parts(self.engine.module.model)
+            return fill_meta(self.template, parts, gathered_state(parts)).eval()
         state = {k.removeprefix("model."): v for k, v in trainable_state_dict(self.engine).items()}
         model = copy.deepcopy(self.template)
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -169,19 +223,25 @@ def setup(cfg: Config, run_dir: Path | None) -> Run:
         block_size=cfg.denoiser.block_size if two_tower else None,
         log=info if env.is_main else None,
     )
-    objective = build_objective(cfg, load_backbone(cfg.backbone, tokenizer), tokenizer)
+    template = None
+    if cfg.deepspeed.stage == 3 and cfg.deepspeed.zero_init:
+        ds_config = run_deepspeed_config(cfg, grad_accum, env.world_size)
+        objective, template = build_partitioned(cfg, tokenizer, ds_config)
+    else:
+        objective = build_objective(cfg, load_backbone(cfg.backbone, tokenizer), tokenizer)
     # Written once tokenizer, data and model are built: a run that cannot start leaves nothing.
     if run_dir is not None and env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     barrier()
-    template = copy.deepcopy(objective.model).eval()  # fp32 (context_dtype kept), CPU
+    if template is None:
+        template = copy.deepcopy(objective.model).eval()  # fp32 (context_dtype kept), CPU
     n_params = (
-        sum(p.numel() for p in objective.parameters() if p.requires_grad),
-        sum(p.numel() for p in objective.parameters()),
+        sum(full_numel(p) for p in objective.parameters() if p.requires_grad),
+        sum(full_numel(p) for p in objective.parameters()),
     )
     passes = 2 if two_tower and cfg.diffusion.complementary else 1
-    flops = objective_flops_per_sequence(objective, cfg.data.seq_len, passes)
+    flops = training_flops_per_sequence(template, cfg.data.seq_len, passes)
     # Applied to the model from outside, after the plain template copy, before DeepSpeed.
     objective.to(device)
     autocast = apply_precision(objective.model, cfg.precision, precision)

@@ -22,6 +22,7 @@ from twotower_train.config import (
     LRSchedule,
     OptimConfig,
 )
+from twotower_train.engine.zero_init import full_ndim
 
 
 def lr_lambda(step: int, total: int, opt: OptimConfig) -> float:
@@ -84,7 +85,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
+        (decay if full_ndim(p) >= 2 else no_decay).append(p)
     if not decay and not no_decay:
         raise ValueError("the model has no trainable parameters")
     return [

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -151,6 +152,8 @@ class DenoiserTower(nn.Module):
 
     Denoiser layer ``i`` is aligned with backbone layer ``layer_ids[i]``: its attention reads
     that layer's context K/V, its Mamba mixer starts from that layer's context states.
+    ``clone`` copies the (layer-trimmed) backbone: ``copy.deepcopy``, or under ZeRO-3
+    construction ``engine.zero_init.clone_partitioned``.
     """
 
     def __init__(
@@ -161,6 +164,7 @@ class DenoiserTower(nn.Module):
         tie_head: bool = False,
         mamba_bidirectional: bool = False,
         time_conditioning: bool = False,
+        clone: Callable[[nn.Module], nn.Module] = copy.deepcopy,
     ) -> None:
         super().__init__()
         prepare_backbone(backbone)
@@ -175,7 +179,7 @@ class DenoiserTower(nn.Module):
         parent = backbone.get_submodule(parent_path)
         setattr(parent, attr, nn.ModuleList(layers[i] for i in self.layer_ids))
         try:
-            self.model = copy.deepcopy(backbone)
+            self.model = clone(backbone)
         finally:
             setattr(parent, attr, layers)
         self._layers_path = path

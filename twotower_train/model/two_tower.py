@@ -8,6 +8,9 @@ over a training batch -- slow and obviously correct, the yardstick of the one-pa
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -37,7 +40,12 @@ class TwoTowerModel(nn.Module):
     # -- construction ----------------------------------------------------------------------
     @classmethod
     def from_backbone(
-        cls, backbone: nn.Module, config: TwoTowerConfig | None = None, **overrides
+        cls,
+        backbone: nn.Module,
+        config: TwoTowerConfig | None = None,
+        *,
+        clone: Callable[[nn.Module], nn.Module] = copy.deepcopy,
+        **overrides,
     ) -> TwoTowerModel:
         """Build from an HF decoder-only causal LM whose attention goes through transformers'
         attention registry (Llama, Qwen, Gemma, Nemotron-H, ...; see docs/architecture.md).
@@ -48,6 +56,8 @@ class TwoTowerModel(nn.Module):
         be set. The denoiser is deep-copied from ``backbone`` first (in its current dtype);
         then ``backbone`` itself -- modified in place -- becomes the frozen context tower,
         cast to ``context_dtype`` if set. ``layers=k`` copies only the top k layers.
+        ``clone`` makes the denoiser's copy (ZeRO-3 construction: ``engine/zero_init.py``;
+        partitioned weights skip the check below, which needs them whole).
 
         ``shift_logits=True`` keeps the backbone's next-token reading of its outputs: the
         prediction for position p is the denoiser's output at p - 1 inside the block, and
@@ -72,11 +82,13 @@ class TwoTowerModel(nn.Module):
             tie_head=config.tie_head,
             mamba_bidirectional=config.mamba_bidirectional,
             time_conditioning=config.time_conditioning,
+            clone=clone,
         )
         if config.context_dtype is not None:
             backbone.to(config.context_dtype.torch)
         model = cls(ContextTower(backbone), denoiser, config)
-        check_backbone(model)
+        if not any(hasattr(p, "ds_id") for p in model.parameters()):
+            check_backbone(model)
         return model
 
     @classmethod
