@@ -91,3 +91,30 @@ def test_what_a_partitioned_build_cannot_do_is_refused(override, message) -> Non
     with pytest.raises(ConfigError, match=message):
         compose([*TINY_TWO_TOWER_ZERO3, override])
     compose([*TINY_TWO_TOWER_ZERO3, override, "deepspeed.zero_init=false"])  # whole: fine
+
+
+def test_zero3_gather_limits_reach_deepspeed_and_the_plan() -> None:
+    """deepspeed.max_live_parameters / max_reuse_distance / prefetch_bucket_size are
+    DeepSpeed's stage3_* keys; the plan's ZeRO-3 buffers follow them."""
+    from twotower_train.plan import estimate, meta_model, model_shape
+
+    knobs = [
+        "deepspeed.max_live_parameters=123456",
+        "deepspeed.max_reuse_distance=654321",
+        "deepspeed.prefetch_bucket_size=7777",
+    ]
+    run = setup(compose([*TINY_TWO_TOWER_ZERO3, *knobs]), None)
+    engine = run.engine
+    assert engine.zero_max_live_parameters() == 123456
+    assert engine.zero_max_reuse_distance() == 654321
+    assert engine.zero_prefetch_bucket_size() == 7777
+    plan = ["recipe=qwen3_0_6b_smoke", "plan.gpus=2"]
+    shape = model_shape(meta_model(compose(plan)))
+    default = estimate(shape, compose(plan), 3, False).buffers
+    lowered = compose([*plan, "deepspeed.max_live_parameters=1", "deepspeed.max_reuse_distance=1"])
+    # only the largest module (the tied 151936 x 1024 embedding) stays gathered
+    low = estimate(shape, lowered, 3, False).buffers
+    assert low < default
+    assert low == 4 * (shape.largest_module + 50_000_000 + 50_000_000)
+    with pytest.raises(ConfigError, match="deepspeed.max_live_parameters must be >= 0"):
+        compose([*TINY_TWO_TOWER_ZERO3, "deepspeed.max_live_parameters=-1"])

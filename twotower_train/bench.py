@@ -580,7 +580,8 @@ def run_memory(args: argparse.Namespace) -> dict:
         ),
     )
     shape = model_shape(meta_model(plan_cfg))
-    planned = estimate(shape, plan_cfg, cfg.deepspeed.stage, checkpointing=False).total / 2**30
+    ckpt = cfg.train.activation_checkpointing
+    planned = estimate(shape, plan_cfg, cfg.deepspeed.stage, checkpointing=ckpt).total / 2**30
     for r in ranks:
         net = r["step_peak_gib"] - (r["libraries_gib"] if device.type != "cuda" else 0.0)
         _say(

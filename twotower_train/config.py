@@ -294,6 +294,12 @@ class DeepSpeedConfig:
     allgather_bucket_size: int = 50_000_000
     # The frozen context tower under ZeRO-3 (stages 0-2 always replicate parameters).
     context_placement: ContextPlacement = ContextPlacement.shard
+    # ZeRO-3 gathers (DeepSpeed's stage3_* keys, its defaults): at most this many gathered
+    # parameters stay alive; one used again within max_reuse_distance gathered parameters
+    # is kept; the prefetch bucket. Lower them to trade re-gathers for memory.
+    max_live_parameters: int = 1_000_000_000
+    max_reuse_distance: int = 1_000_000_000
+    prefetch_bucket_size: int = 50_000_000
     # ZeRO-3: build the model partitioned (deepspeed.zero.Init; engine/zero_init.py), so no
     # process ever holds it whole; false builds it whole first (stages 0-2 always do).
     zero_init: bool = True
@@ -561,6 +567,9 @@ def check(cfg: Config) -> None:
     t = cfg.train
     if cfg.deepspeed.stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.stage must be 0, 1, 2 or 3, got {cfg.deepspeed.stage}")
+    for key in ("max_live_parameters", "max_reuse_distance", "prefetch_bucket_size"):
+        if getattr(cfg.deepspeed, key) < 0:
+            raise ConfigError(f"deepspeed.{key} must be >= 0, got {getattr(cfg.deepspeed, key)}")
     if cfg.deepspeed.stage == 3 and cfg.deepspeed.zero_init:
         if cfg.precision.backend != PrecisionBackend.torch:
             raise ConfigError(

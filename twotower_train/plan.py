@@ -15,11 +15,12 @@ parameters, Ψc = frozen (context tower) parameters, N = ``plan.gpus``, w = 2 (b
                     for fp32 weights; plain fp32 AdamW at stage 0: 8 Ψd) (/N at stages 1-3)
                     + 4 Ψd / N with bf16 at stages 1-3: the gradient partition in fp32
     ZeRO buffers    stages 1-2: reduce + all-gather buckets (w x bucket elements);
-                    stage 3: w x (max(largest module, min(Ψd [+ Ψc if sharded], 1e9)) + 5e7
-                    + reduce bucket): DeepSpeed's defaults keep up to 1e9 gathered parameters
-                    alive (one used again within 1e9 fetched parameters is not released: the
-                    denoiser's by its backward, a sharded context tower's by the next step),
-                    plus the prefetch and reduce buckets
+                    stage 3: w x (max(largest module, min(Ψd [+ Ψc if sharded], live,
+                    reuse)) + prefetch + reduce bucket): up to ``deepspeed.max_live_parameters``
+                    (live, default 1e9) gathered parameters stay alive, and one used again
+                    within ``max_reuse_distance`` (reuse, 1e9) fetched parameters is not
+                    released (the denoiser's by its backward, a sharded context tower's by
+                    the next step), plus the prefetch and reduce buckets
     activations     T = micro_batch x seq_len tokens, ``layer_activation_bytes`` per layer
                     (what autograd saves for the backward), the LM heads, the context
                     tower's K/V, Mamba states and logits that the denoiser reads; with
@@ -50,8 +51,6 @@ from twotower_train.config import Config, ContextPlacement, PlanDevice
 from twotower_train.model import TwoTowerModel
 
 GIB = 2**30
-ZERO3_MAX_LIVE = 10**9  # DeepSpeed's stage3_max_live_parameters / max_reuse_distance defaults
-ZERO3_PREFETCH = 50_000_000  # stage3_prefetch_bucket_size default
 
 
 @dataclass
@@ -309,13 +308,15 @@ def estimate(shape: ModelShape, cfg: Config, stage: int, checkpointing: bool) ->
     # bf16 with a master copy: the gradient partition is cast to fp32 for the step
     master_grads = 4 * pd / n if w == 2 and stage > 0 else 0.0
     if stage == 3:
-        # DeepSpeed's defaults keep up to 1e9 gathered parameters alive (max_live_parameters,
-        # max_reuse_distance: a parameter used again within 1e9 fetched parameters -- the
-        # denoiser's by its backward, a sharded context tower's by the next step -- is not
-        # released) and the largest module whole; + the prefetch and reduce buckets
+        # up to max_live_parameters gathered parameters stay alive, and one used again within
+        # max_reuse_distance fetched parameters (the denoiser's by its backward, a sharded
+        # context tower's by the next step) is not released; the largest module is gathered
+        # whole; + the prefetch and reduce buckets
         reused = pd + (pc if shard_context else 0)
-        live = max(shape.largest_module, min(reused, ZERO3_MAX_LIVE))
-        buffers = w * (live + ZERO3_PREFETCH + cfg.deepspeed.reduce_bucket_size)
+        ds = cfg.deepspeed
+        kept = min(reused, ds.max_live_parameters, ds.max_reuse_distance)
+        live = max(shape.largest_module, kept)
+        buffers = w * (live + ds.prefetch_bucket_size + ds.reduce_bucket_size)
     elif stage > 0:
         buffers = w * (cfg.deepspeed.reduce_bucket_size + cfg.deepspeed.allgather_bucket_size)
     else:

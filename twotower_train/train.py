@@ -25,6 +25,7 @@ from twotower_train.backbones import build_two_tower, load_backbone, load_tokeni
 from twotower_train.config import (
     Config,
     ContextPlacement,
+    InitMode,
     Objective,
     batch_arithmetic,
     to_yaml,
@@ -86,10 +87,15 @@ def build_partitioned(cfg: Config, tokenizer, ds_config: dict) -> tuple[nn.Modul
     from transformers import AutoModelForCausalLM
 
     replicate = cfg.deepspeed.context_placement == ContextPlacement.replicate
-    # A replicated context tower is not DeepSpeed's: built whole (the denoiser is not).
-    backbone = load_backbone(cfg.backbone, tokenizer) if replicate else None
+    # Built whole first: a replicated context tower (not DeepSpeed's), and a scratch one
+    # (its random weights drawn as any build draws them, then partitioned).
+    whole = replicate or cfg.backbone.init == InitMode.scratch
+    backbone = load_backbone(cfg.backbone, tokenizer) if whole else None
     with zero3_construction(ds_config):
-        backbone = backbone or load_backbone(cfg.backbone, tokenizer)
+        if backbone is None:
+            backbone = load_backbone(cfg.backbone, tokenizer)
+        elif not replicate:
+            backbone = clone_partitioned(backbone)
         config = copy.deepcopy(backbone.config)
         objective = build_objective(cfg, backbone, tokenizer, clone=clone_partitioned)
     with torch.device("meta"):

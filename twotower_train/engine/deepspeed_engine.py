@@ -61,6 +61,12 @@ def deepspeed_config(
             reduce_bucket_size=ds.reduce_bucket_size,
             allgather_bucket_size=ds.allgather_bucket_size,
         )
+    if ds.stage == 3:
+        zero.update(
+            stage3_max_live_parameters=ds.max_live_parameters,
+            stage3_max_reuse_distance=ds.max_reuse_distance,
+            stage3_prefetch_bucket_size=ds.prefetch_bucket_size,
+        )
     if ds.offload_optimizer:
         if ds.stage == 0:
             raise ValueError("deepspeed.offload_optimizer needs ZeRO stage >= 1")

@@ -5,9 +5,11 @@ and a template copy of both before DeepSpeed partitions anything: ~470 GiB of ho
 for a 30B backbone. Built partitioned, each process holds 1/world of every tensor from the
 moment it exists:
 
-    backbone     ``from_pretrained`` / ``from_config`` under transformers' ZeRO-3 support
-                 (``HfDeepSpeedConfig``): ``deepspeed.zero.Init``, weights loaded into the
-                 partitions (``context_placement=replicate``: built whole, it is not DeepSpeed's)
+    backbone     ``from_pretrained`` under transformers' ZeRO-3 support (``HfDeepSpeedConfig``):
+                 ``deepspeed.zero.Init``, weights loaded into the partitions. A scratch
+                 backbone is drawn whole (the same weights as any other build, the same
+                 random state on every rank), then partitioned like the denoiser below.
+                 ``context_placement=replicate``: built whole, it is not DeepSpeed's
     denoiser     a fresh model of the backbone's class built under ``zero.Init``, its
                  partitions copied from the backbone's on each rank (``clone_partitioned``):
                  the same flat slice of the same tensor, so no communication
@@ -67,7 +69,7 @@ def clone_partitioned(src: nn.Module) -> nn.Module:
     may have a shorter layer list than its config says (the denoiser's top k layers)."""
     from twotower_train.model.registry import layer_list
 
-    clone = type(src)._from_config(copy.deepcopy(src.config), dtype=torch.float32)
+    clone = _built_empty(type(src), copy.deepcopy(src.config))
     path, built = layer_list(clone)  # all the config's layers
     layers = src.get_submodule(path)
     if len(built) != len(layers):  # keep the layers src kept, by their index in the stack
@@ -85,6 +87,20 @@ def clone_partitioned(src: nn.Module) -> nn.Module:
                 setattr(twin, key, value)
     copy_into_partitions(clone, src)
     return clone
+
+
+def _built_empty(cls, config) -> nn.Module:
+    """``cls`` from ``config`` under ``zero.Init`` without initialising its weights (they are
+    overwritten next): transformers would gather every module to initialise it on rank 0,
+    drawing random numbers there only, which would leave the ranks' generators apart."""
+    import transformers.integrations.deepspeed as hf_deepspeed
+
+    initialize = hf_deepspeed.initialize_weights_zero3
+    hf_deepspeed.initialize_weights_zero3 = lambda model: None
+    try:
+        return cls._from_config(config, dtype=torch.float32)
+    finally:
+        hf_deepspeed.initialize_weights_zero3 = initialize
 
 
 def layer_index(layer: nn.Module) -> int:
