@@ -178,12 +178,15 @@ class Run:
             self.peak_tflops,
         )
 
-    def trained_model(self) -> nn.Module:
+    def trained_model(self) -> nn.Module | None:
         """A plain fp32 copy of the trained model (collective under ZeRO-3: call on every
-        rank): the untrained template with the trained parameters loaded into it."""
+        rank): the untrained template with the trained parameters loaded into it. Built
+        partitioned, only rank 0 gets it (the others: None)."""
         if next(self.template.parameters()).is_meta:  # built partitioned: gather everything
             parts = tower_parts(self.engine.module.model)
-            return fill_meta(self.template, parts, gathered_state(parts)).eval()
+            state = gathered_state(parts, keep=self.env.is_main)
+            # only rank 0 evaluates and exports
+            return fill_meta(self.template, parts, state).eval() if self.env.is_main else None
         state = {k.removeprefix("model."): v for k, v in trainable_state_dict(self.engine).items()}
         model = copy.deepcopy(self.template)
         missing, unexpected = model.load_state_dict(state, strict=False)

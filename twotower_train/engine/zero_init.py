@@ -14,7 +14,7 @@ moment it exists:
                  partitions copied from the backbone's on each rank (``clone_partitioned``):
                  the same flat slice of the same tensor, so no communication
     template     the same structure on the meta device: no memory; ``Run.trained_model``
-                 fills it with the gathered parameters and the live buffers
+                 fills it on rank 0 with the gathered parameters and the live buffers
 
 The backbone check (``model.registry.check_backbone``) needs whole weights and is skipped:
 ``mode=plan`` and a one-process run of the same family exercise the same towers.
@@ -165,9 +165,10 @@ def _named(parts: list[tuple[str, nn.Module]]) -> Iterator[tuple[str, nn.Paramet
             yield prefix + name, p
 
 
-def gathered_state(parts: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
+def gathered_state(parts: list[tuple[str, nn.Module]], keep: bool) -> dict[str, torch.Tensor]:
     """Every parameter of ``parts`` (trainable and frozen) whole, fp32 on CPU, under its
-    first name (collective under ZeRO-3: call on every rank), gathered one at a time."""
+    first name, gathered one at a time (collective under ZeRO-3: call on every rank). Only a
+    rank with ``keep`` holds the copies (at 30B: 250 GB of fp32 on one rank, not on each)."""
     import deepspeed
 
     out, seen = {}, set()
@@ -176,7 +177,8 @@ def gathered_state(parts: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor
             continue
         seen.add(id(p))
         with deepspeed.zero.GatheredParameters([p], enabled=is_partitioned(p)):
-            out[name] = p.detach().float().cpu().clone()
+            if keep:
+                out[name] = p.detach().float().cpu().clone()
     return out
 
 
