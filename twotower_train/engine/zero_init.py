@@ -143,12 +143,6 @@ def copy_into_partitions(dst: nn.Module, src: nn.Module) -> None:
             b.copy_(theirs_b[name])
 
 
-def meta_copy(build) -> nn.Module:
-    """``build()`` on the meta device: a module with the run's structure and no memory."""
-    with torch.device("meta"):
-        return build()
-
-
 def tower_parts(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``model`` and any tower ``deepspeed_engine`` put back outside its module tree (the
     replicated context tower), as ``(name prefix, module)``."""
