@@ -367,6 +367,35 @@ def test_decode_benchmark_times_every_decoder(release) -> None:
     assert set(rows) == {("ar", None), ("diffusion", 0.9), ("verified", 0.9)}
     assert rows[("ar", None)]["speedup_vs_ar"] == 1.0
     assert all(r["tokens_per_s"] > 0 and r["new_tokens"] > 0 for r in rows.values())
+    assert all("breakdown" not in r for r in rows.values())
+
+
+def test_decode_benchmark_breakdown_accounts_for_every_forward(release) -> None:
+    """--breakdown: AR never calls the denoiser, plain diffusion extends the context only
+    between blocks, verified decoding verifies every drafted block; the shares add up to
+    the whole; the model gets its own methods back afterwards."""
+    from twotower_train.eval.bench_decode import run as bench_run
+
+    path, _ = release
+    parser = argparse.ArgumentParser()
+    bench_args(parser)
+    args = ["--release", str(path), "--prompts", "3", "--repeats", "1", "--max-new-tokens", "6"]
+    out = bench_run(parser.parse_args([*args, "--thresholds", "0.9", "--verify", "--breakdown"]))
+    rows = {r["decoder"]: r["breakdown"] for r in out["results"]}
+    for b in rows.values():
+        shares = [b[f"{k}_share"] for k in ("prefill", "context", "denoiser", "loop")]
+        assert sum(shares) == pytest.approx(1.0) and min(shares[:3]) >= 0
+        assert b["prefill_calls_per_token"] > 0  # one prefill per prompt
+    assert rows["ar"]["denoiser_calls_per_token"] == 0 and rows["ar"]["context_share"] > 0
+    assert rows["diffusion"]["denoiser_calls_per_token"] > 0
+    assert rows["verified"]["context_calls_per_token"] > 0  # the backbone verifies drafts
+    from twotower_train.eval.bench_decode import ForwardTimer
+
+    model, _, _ = build_bench_model(parser.parse_args(["--release", str(path)]))
+    timer = ForwardTimer(model)
+    assert "context_extend" in vars(model) and "denoise_block" in vars(model)
+    timer.close()
+    assert "context_extend" not in vars(model) and "denoise_block" not in vars(model)
 
 
 def test_lm_eval_adapter_from_arg_string(release) -> None:

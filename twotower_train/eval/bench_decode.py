@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 
 import torch
 
@@ -35,6 +36,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--order", choices=["prefix", "any"], default="prefix", help="diffusion commit order"
     )
     p.add_argument("--verify", action="store_true", help="also time verified decoding")
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="where each decoder's time goes: prompt prefill, context-tower extensions, "
+        "denoiser forwards, and the decoding loop around them",
+    )
 
 
 def _build(args):
@@ -49,6 +56,63 @@ def _build(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     return model.to(device=device, dtype=dtype).eval(), tokenizer, device
+
+
+class ForwardTimer:
+    """Wraps ``model.context_extend`` and ``model.denoise_block`` on one model instance and
+    adds up their wall time (synchronised on GPU) and calls by kind: ``prefill`` (a context
+    pass from an empty cache: the prompt), ``context`` (extending a cache: AR's next token,
+    a committed or verified block), ``denoiser``. The rest of a decoder's time is its loop."""
+
+    KINDS = ("prefill", "context", "denoiser")
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.reset()
+        self._extend, self._denoise = model.context_extend, model.denoise_block
+        model.context_extend = self._timed(
+            self._extend, lambda a: "prefill" if a[0] is None else "context"
+        )
+        model.denoise_block = self._timed(self._denoise, lambda a: "denoiser")
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(self.KINDS, 0.0)
+        self.calls = dict.fromkeys(self.KINDS, 0)
+
+    def _timed(self, fn, kind_of):
+        device = next(self.model.parameters()).device
+
+        def timed(*args, **kwargs):
+            _sync(device)
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            _sync(device)
+            kind = kind_of(args)
+            self.seconds[kind] += time.perf_counter() - t0
+            self.calls[kind] += 1
+            return out
+
+        return timed
+
+    def close(self) -> None:
+        del self.model.context_extend, self.model.denoise_block  # the class's own again
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _breakdown(timer: ForwardTimer, wall: float, tokens: int) -> dict:
+    """Shares of ``wall`` by kind (and the loop), per-call milliseconds, calls per token."""
+    spent = sum(timer.seconds.values())
+    out = {"loop_share": (wall - spent) / wall}
+    for kind in timer.KINDS:
+        calls = timer.calls[kind]
+        out[f"{kind}_share"] = timer.seconds[kind] / wall
+        out[f"{kind}_ms_per_call"] = 1e3 * timer.seconds[kind] / calls if calls else 0.0
+        out[f"{kind}_calls_per_token"] = calls / max(tokens, 1)
+    return out
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -76,13 +140,20 @@ def run(args: argparse.Namespace) -> dict:
             gen = ar_generate if kind == "ar" else diffusion_generate
             calls = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
             gen(model, calls[0], cfg, eos)  # warm-up
-            rates, stats = [], None
+            rates, stats, shares = [], None, []
+            timer = ForwardTimer(model) if args.breakdown else None
             for _ in range(args.repeats):
+                if timer:
+                    timer.reset()
                 parts = [gen(model, c, cfg, eos)[1] for c in calls]
                 wall = sum(p.wall_s for p in parts)
                 tokens = sum(p.new_tokens for p in parts)
                 rates.append(tokens / wall)
                 stats = parts
+                if timer:
+                    shares.append(_breakdown(timer, wall, tokens))
+            if timer:
+                timer.close()
             forwards = sum(
                 p.context_forwards if kind == "ar" else p.denoiser_forwards for p in stats
             )
@@ -94,6 +165,8 @@ def run(args: argparse.Namespace) -> dict:
                 "tokens_per_forward": sum(p.new_tokens for p in stats) / max(forwards, 1),
                 "new_tokens": sum(p.new_tokens for p in stats),
             }
+            if shares:  # the repeat with the median rate
+                row["breakdown"] = shares[rates.index(statistics.median_low(rates))]
             results.append(row)
             label = "AR" if kind == "ar" else f"{kind} gamma={th}"
             print(
@@ -102,6 +175,18 @@ def run(args: argparse.Namespace) -> dict:
                 f"{row['tokens_per_forward']:.2f} tokens/forward",
                 flush=True,
             )
+            if shares:
+                b = row["breakdown"]
+                print(
+                    "[bench]   time: "
+                    + ", ".join(
+                        f"{k} {100 * b[f'{k}_share']:.0f}% ({b[f'{k}_ms_per_call']:.1f} ms x "
+                        f"{b[f'{k}_calls_per_token']:.2f}/token)"
+                        for k in ForwardTimer.KINDS
+                    )
+                    + f", loop {100 * b['loop_share']:.0f}%",
+                    flush=True,
+                )
     for row in results:
         ar = next(
             r["tokens_per_s"]
