@@ -27,9 +27,18 @@ def _two_steps(run) -> list[float]:
     "extra",
     [
         pytest.param([], id="llama"),
+        # the options that add modules or ties to the denoiser's copy
+        pytest.param(
+            ["denoiser.time_conditioning=true", "denoiser.tie_head=true"], id="llama-opts"
+        ),
         # top 5 of 8 hybrid layers (Mamba-2, MoE, attention, MLP): the kept layers by index
         pytest.param(
-            ["backbone.name_or_path=tiny_nemotron_h", "denoiser.layers=5"], id="nemotron_h"
+            [
+                "backbone.name_or_path=tiny_nemotron_h",
+                "denoiser.layers=5",
+                "denoiser.mamba_bidirectional=true",
+            ],
+            id="nemotron_h",
         ),
     ],
 )
