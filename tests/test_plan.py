@@ -105,6 +105,8 @@ def test_building_partitioned_needs_a_slice_of_the_whole() -> None:
         ["plan.gpus=4", "deepspeed=zero3", "deepspeed.context_placement=replicate"]
     )
     assert build_bytes(shape, replicated, 3) == 2 * pd / 4 + 4 * pc
+    scratch = compose(["recipe=qwen3_0_6b_smoke", "plan.gpus=4"])  # drawn whole, then cut
+    assert build_bytes(shape, scratch, 3) == 2 * (pd + pc) / 4 + 4 * pc
     # and no fp32 template copy on the host beside a CPU run built partitioned
     cpu = compose(["plan.gpus=4", "plan.device=cpu", "deepspeed=zero3"])
     assert estimate(shape, cpu, 3, False).host == 0

@@ -30,7 +30,8 @@ parameters, Ψc = frozen (context tower) parameters, N = ``plan.gpus``, w = 2 (b
                     holds the fp32 model and a template copy before ZeRO partitions it:
                     8 (Ψc + Ψd); built partitioned (ZeRO-3, ``zero_init``, the default),
                     its partitions w (Ψc + Ψd) / N plus the largest tensor gathered whole
-                    while it is copied (a replicated context tower: + 4 Ψc, built whole);
+                    while it is copied (a replicated context tower or a scratch backbone:
+                    + 4 Ψc, built whole first);
                     printed under the table
     host (cpu)      ``plan.device=cpu``: the fp32 template copy of the whole model a run
                     built whole keeps for evaluation and export (4 (Ψc + Ψd)) is in the same
@@ -47,7 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from twotower_train.config import Config, ContextPlacement, PlanDevice
+from twotower_train.config import Config, ContextPlacement, InitMode, PlanDevice
 from twotower_train.model import TwoTowerModel
 
 GIB = 2**30
@@ -345,8 +346,10 @@ def build_bytes(shape: ModelShape, cfg: Config, stage: int) -> float:
         return 2 * 4 * (pd + pc)
     w = cfg.precision.dtype.torch.itemsize
     replicate = cfg.deepspeed.context_placement == ContextPlacement.replicate
+    # built whole first: a replicated context tower, and a scratch backbone (drawn whole)
+    whole = replicate or cfg.backbone.init == InitMode.scratch
     return w * (pd + (0 if replicate else pc)) / cfg.plan.gpus + (
-        4 * pc if replicate else 4 * shape.largest_tensor
+        4 * pc if whole else 4 * shape.largest_tensor
     )
 
 
