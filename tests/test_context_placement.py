@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHIPPED_TWO_TOWER_ZERO3, TINY_TWO_TOWER_ZERO3, losses
+from conftest import TINY_TWO_TOWER_ZERO3, losses
 
 from twotower_train.config import compose
 from twotower_train.train import setup, train
@@ -19,10 +19,9 @@ TWO_TOWER_ZERO3 = [*TINY_TWO_TOWER_ZERO3, "train.ckpt_every=100", "eval.tasks=[]
 def test_context_tower_never_trains_under_zero3_in_either_placement() -> None:
     got = {}
     for placement in ("shard", "replicate"):
-        # a pretrained backbone: both placements start from the same weights (a scratch one
-        # is initialised differently when built partitioned than when built whole)
-        args = [*SHIPPED_TWO_TOWER_ZERO3, f"deepspeed.context_placement={placement}"]
-        run = setup(compose(args), None)
+        # a scratch backbone: drawn whole, then partitioned (shard) or kept (replicate), so
+        # both placements start from the same weights
+        run = setup(compose([*TWO_TOWER_ZERO3, f"deepspeed.context_placement={placement}"]), None)
         context = run.objective.model.context
         denoiser = run.objective.model.denoiser
         ctx_params = list(context.parameters())

@@ -429,7 +429,6 @@ def _precision_step(run, i: int, steps: int) -> tuple[float, float]:
 
 
 def _precision_result(args, name, run, losses, seconds, trace, mem_gib) -> dict:
-
     step_s = statistics.median(seconds[args.warmup :])
     tokens_per_s = run.tokens_per_step / step_s
     base = trace[args.settings[0]][0]

@@ -390,15 +390,15 @@ def plan_text(cfg: Config, shape: ModelShape | None = None) -> str:
                 + f" | {_gib(e.total)} | {fits} |"
             )
     lines.append("")
-    whole, parted = build_bytes(shape, cfg, 2), build_bytes(shape, cfg, 3)
+    how = (
+        "built partitioned: deepspeed.zero_init"
+        if cfg.deepspeed.zero_init
+        else "deepspeed.zero_init=false"
+    )
     lines.append(
-        f"host RAM per process while building: ZeRO 0-2 {_gib(whole)} GiB (fp32 backbone + "
-        "denoiser copy + template copy, before ZeRO partitions anything); ZeRO-3 "
-        + (
-            f"{_gib(parted)} GiB (built partitioned: deepspeed.zero_init)"
-            if cfg.deepspeed.zero_init
-            else f"{_gib(whole)} GiB (deepspeed.zero_init=false)"
-        )
+        f"host RAM per process while building: ZeRO 0-2 {_gib(build_bytes(shape, cfg, 2))} GiB "
+        "(fp32 backbone + denoiser copy + template copy, before ZeRO partitions anything); "
+        f"ZeRO-3 {_gib(build_bytes(shape, cfg, 3))} GiB ({how})"
     )
     lines.append(
         f"fits: total <= plan.gpu_memory_gib={cfg.plan.gpu_memory_gib:g}. ckpt on: "

@@ -105,7 +105,7 @@ def build_partitioned(cfg: Config, tokenizer, ds_config: dict) -> tuple[nn.Modul
 
 
 def run_deepspeed_config(cfg: Config, grad_accum: int, world_size: int) -> dict:
-    """The DeepSpeed config dict of the run (``build_engine`` makes the same one)."""
+    """The DeepSpeed config dict of the run (the engine's, and ZeRO-3 construction's)."""
     return deepspeed_config(
         cfg.deepspeed,
         micro_batch_size=cfg.train.micro_batch_size,
@@ -122,11 +122,9 @@ def engine_for(module: nn.Module, cfg: Config, grad_accum: int = 1, world_size: 
         module,
         cfg.optim,
         cfg.deepspeed,
+        run_deepspeed_config(cfg, grad_accum, world_size),
         dtype=cfg.precision.dtype,
         total_steps=cfg.train.steps,
-        micro_batch_size=cfg.train.micro_batch_size,
-        grad_accum=grad_accum,
-        world_size=world_size,
     )
 
 

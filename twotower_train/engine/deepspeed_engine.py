@@ -104,15 +104,14 @@ def build_engine(
     module: nn.Module,
     opt: OptimConfig,
     ds: DeepSpeedConfig,
+    config: dict[str, Any],
     *,
     dtype: DType,
     total_steps: int,
-    micro_batch_size: int,
-    grad_accum: int,
-    world_size: int,
 ):
-    """`deepspeed.initialize` with a client AdamW over the trainable parameters and a
-    LambdaLR schedule of ``total_steps``. Returns ``(engine, optimizer, scheduler)``."""
+    """`deepspeed.initialize` with ``config`` (``deepspeed_config``), a client AdamW over the
+    trainable parameters and a LambdaLR schedule of ``total_steps``. Returns ``(engine,
+    optimizer, scheduler)``."""
     import deepspeed
 
     optimizer = torch.optim.AdamW(
@@ -123,14 +122,6 @@ def build_engine(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, total_steps, opt)
-    )
-    config = deepspeed_config(
-        ds,
-        micro_batch_size=micro_batch_size,
-        grad_accum=grad_accum,
-        world_size=world_size,
-        grad_clip=opt.grad_clip,
-        dtype=dtype,
     )
     replicated = []
     if ds.stage == 3 and ds.context_placement == ContextPlacement.replicate:

@@ -80,6 +80,8 @@ class ForwardTimer:
         self.calls = dict.fromkeys(self.KINDS, 0)
 
     def _timed(self, fn, kind_of):
+        from twotower_train.generate import _sync
+
         device = next(self.model.parameters()).device
 
         def timed(*args, **kwargs):
@@ -96,11 +98,6 @@ class ForwardTimer:
 
     def close(self) -> None:
         del self.model.context_extend, self.model.denoise_block  # the class's own again
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _breakdown(timer: ForwardTimer, wall: float, tokens: int) -> dict:

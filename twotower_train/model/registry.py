@@ -465,10 +465,11 @@ def check_backbone(model) -> None:
     """Refuse (``UnsupportedBackbone``) a built ``TwoTowerModel`` whose towers do not do what
     they promise on a short random input: context logits equal to the HF model's own, a
     cache grown chunk by chunk equal to one pass, no denoiser block reading another block's
-    noisy tokens or a later clean block. Skipped for weights on the meta device."""
+    noisy tokens or a later clean block. Skipped for weights it cannot read whole: on the
+    meta device, or ZeRO-3 partitions (``ds_id``) in either tower."""
     backbone = model.backbone
     params = list(backbone.parameters())
-    if not params or params[0].is_meta:
+    if not params or params[0].is_meta or any(hasattr(p, "ds_id") for p in model.parameters()):
         return
     model_type = backbone.config.model_type
     bs = model.block_size

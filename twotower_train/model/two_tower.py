@@ -56,8 +56,7 @@ class TwoTowerModel(nn.Module):
         be set. The denoiser is deep-copied from ``backbone`` first (in its current dtype);
         then ``backbone`` itself -- modified in place -- becomes the frozen context tower,
         cast to ``context_dtype`` if set. ``layers=k`` copies only the top k layers.
-        ``clone`` makes the denoiser's copy (ZeRO-3 construction: ``engine/zero_init.py``;
-        partitioned weights skip the check below, which needs them whole).
+        ``clone`` makes the denoiser's copy (ZeRO-3 construction: ``engine/zero_init.py``).
 
         ``shift_logits=True`` keeps the backbone's next-token reading of its outputs: the
         prediction for position p is the denoiser's output at p - 1 inside the block, and
@@ -87,8 +86,7 @@ class TwoTowerModel(nn.Module):
         if config.context_dtype is not None:
             backbone.to(config.context_dtype.torch)
         model = cls(ContextTower(backbone), denoiser, config)
-        if not any(hasattr(p, "ds_id") for p in model.parameters()):
-            check_backbone(model)
+        check_backbone(model)
         return model
 
     @classmethod
