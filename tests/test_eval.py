@@ -10,7 +10,15 @@ from tiny_models import tiny_backbone
 
 from twotower_train.eval import likelihood, tasks
 from twotower_train.eval.harness import EvalConfig, evaluate
-from twotower_train.eval.report import REPORT_KEYS, TaskScore, retained_ratios
+from twotower_train.eval.report import (
+    REPORT_KEYS,
+    TaskScore,
+    build_report,
+    report_markdown,
+    retained_interval,
+    retained_ratios,
+    wilson_interval,
+)
 from twotower_train.model import TwoTowerModel
 from twotower_train.tiny_world import TASKS, load_test_tasks, load_tokenizer
 from twotower_train.tiny_world import tasks as tiny_tasks
@@ -74,6 +82,73 @@ def test_retained_ratios():
     assert retained == pytest.approx((0.4 + 0.2 + 0.1) / (0.8 + 0.2 + 0.0))
     assert mean_of_ratios == pytest.approx((0.5 + 1.0) / 2)
     assert scores[2].retained is None and scores[3].retained == 0.5
+
+
+def test_wilson_interval_known_values():
+    # Textbook values (Wilson 1927; e.g. Brown, Cai & DasGupta 2001): 50 of 100, 0 and n of n.
+    assert wilson_interval(0.5, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    assert wilson_interval(0.9, 200) == pytest.approx((0.8506, 0.9344), abs=1e-4)
+    lo, hi = wilson_interval(1.0, 200)
+    assert lo == pytest.approx(0.98115, abs=1e-4) and hi == pytest.approx(1.0)
+    lo, hi = wilson_interval(0.0, 200)
+    assert lo == 0.0 and hi == pytest.approx(0.01885, abs=1e-4)
+    assert wilson_interval(0.5, 0) is None
+
+
+def test_retained_interval_covers_simulated_ratios():
+    """The delta-method interval against the spread of the ratio of averages over simulated
+    evaluations of the same two models (independent binomial draws, as it assumes)."""
+    back = [0.98, 1.0, 0.435, 0.885]
+    two = [0.97, 0.955, 0.39, 0.885]
+    n = 200
+    scores = [TaskScore(str(i), "em", b, t, n=n) for i, (b, t) in enumerate(zip(back, two))]
+    lo, hi = retained_interval(scores)
+    assert lo < sum(two) / sum(back) < hi
+    gen = torch.Generator().manual_seed(0)
+    draws = 4000
+    sim_two = torch.stack(
+        [
+            torch.binomial(
+                torch.full((draws,), n * 1.0), torch.tensor(p).expand(draws), generator=gen
+            )
+            / n
+            for p in two
+        ]
+    ).mean(0)
+    sim_back = torch.stack(
+        [
+            torch.binomial(
+                torch.full((draws,), n * 1.0), torch.tensor(p).expand(draws), generator=gen
+            )
+            / n
+            for p in back
+        ]
+    ).mean(0)
+    ratio = sim_two / sim_back
+    inside = ((ratio >= lo) & (ratio <= hi)).float().mean().item()
+    assert 0.93 < inside < 0.97  # a 95% interval, up to the normal approximation
+    # No sample size, no interval; perplexity rows are not counted.
+    assert retained_interval([TaskScore("a", "em", 0.5, 0.5)]) is None
+    ppl = TaskScore("ppl", "ppl", 2.0, 4.0, higher_is_better=False)
+    assert retained_interval(scores + [ppl]) == (lo, hi)
+
+
+def test_report_carries_intervals():
+    scores = [
+        TaskScore("add", "exact_match", 0.98, 0.97, n=200),
+        TaskScore("ppl", "perplexity", 3.0, 9.0, higher_is_better=False, n=200),
+    ]
+    report = build_report(
+        scores, tokens_per_forward=3.0, speed=None, sweep=[], decode={}, config={}, wall_s=1.0
+    )
+    add, ppl = report["tasks"]
+    assert add["twotower_interval"] == wilson_interval(0.97, 200)
+    assert add["backbone_interval"] == wilson_interval(0.98, 200)
+    assert "twotower_interval" not in ppl  # not a share of examples
+    assert report["retained_interval"] == retained_interval(scores)
+    text = report_markdown(report)
+    lo, hi = wilson_interval(0.97, 200)
+    assert f"0.97 [{lo:.3f}, {hi:.3f}]" in text and "95% interval" in text
 
 
 # -- likelihoods ------------------------------------------------------------------------------

@@ -7,8 +7,16 @@
     tokens_per_forward        new tokens per denoiser forward at the main threshold
     speedup_vs_ar             two-tower tokens/s / AR tokens/s, batch 1, same prompts
     tasks                     [{name, metric, backbone, twotower, retained, higher_is_better,
-                                in_retained, n}]
+                                in_retained, n, backbone_interval, twotower_interval}]
+    retained_interval         95% interval of ``retained`` (below)
     retained_tasks, threshold, block_size, steps_per_block, sweep, speed, config
+
+Intervals, so that a reader can tell a gain from noise: each accuracy (a share of ``n``
+examples) gets its binomial 95% Wilson interval; ``retained`` gets a normal-approximation
+interval by the delta method, ``R = T / B`` with ``T`` and ``B`` the two models' mean
+accuracies and ``Var R ~ R^2 (Var T / T^2 + Var B / B^2)``, ``Var T = sum_t p_t (1 - p_t) /
+n_t / K^2``. It treats the two models' samples as independent; they share their examples,
+which correlates them positively, so the interval is conservative (wider than a paired one).
 
 Ratio tasks are the higher-is-better ones (generation exact match, multiple-choice
 accuracy). Perplexity-like rows (lower is better) get ``retained = backbone / twotower``
@@ -19,6 +27,7 @@ kind of number.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +74,48 @@ def retained_ratios(scores: list[TaskScore]) -> tuple[float | None, float | None
     return (two / back if back > 0 else None), (sum(ratios) / len(ratios) if ratios else None)
 
 
+Z95 = 1.959964  # the standard normal's 97.5% quantile
+
+
+def wilson_interval(p: float, n: int, z: float = Z95) -> tuple[float, float] | None:
+    """Binomial 95% Wilson score interval of a share ``p`` of ``n`` trials (None if n = 0).
+    Unlike the normal one it stays inside [0, 1] and is not empty at p = 0 or 1."""
+    if n <= 0:
+        return None
+    z2n = z * z / n
+    centre = (p + z2n / 2) / (1 + z2n)
+    half = z * math.sqrt(p * (1 - p) / n + z2n / (4 * n)) / (1 + z2n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def retained_interval(scores: list[TaskScore], z: float = Z95) -> tuple[float, float] | None:
+    """Delta-method 95% interval of the ratio of averages (module docstring); None when a
+    counted task has no sample size or the backbone's mean is 0."""
+    counted = [s for s in scores if s.higher_is_better]
+    if not counted or any(s.n <= 0 for s in counted):
+        return None
+    k = len(counted)
+    two = sum(s.twotower for s in counted) / k
+    back = sum(s.backbone for s in counted) / k
+    if back <= 0:
+        return None
+    var_two = sum(s.twotower * (1 - s.twotower) / s.n for s in counted) / k**2
+    var_back = sum(s.backbone * (1 - s.backbone) / s.n for s in counted) / k**2
+    ratio = two / back
+    rel = var_back / back**2 + (var_two / two**2 if two > 0 else 0.0)
+    half = z * ratio * math.sqrt(rel)
+    return max(0.0, ratio - half), ratio + half
+
+
+def _intervals(s: TaskScore) -> dict:
+    if not s.higher_is_better or s.n <= 0:
+        return {}
+    return {
+        "backbone_interval": wilson_interval(s.backbone, s.n),
+        "twotower_interval": wilson_interval(s.twotower, s.n),
+    }
+
+
 def build_report(
     scores: list[TaskScore],
     *,
@@ -82,6 +133,7 @@ def build_report(
         speedup = speed["diffusion"]["tokens_per_s"] / speed["ar"]["tokens_per_s"]
     return {
         "retained": retained,
+        "retained_interval": retained_interval(scores),
         "retained_mean_of_ratios": mean_of_ratios,
         "tokens_per_forward": tokens_per_forward,
         "speedup_vs_ar": speedup,
@@ -95,6 +147,7 @@ def build_report(
                 "higher_is_better": s.higher_is_better,
                 "in_retained": s.higher_is_better,
                 "n": s.n,
+                **_intervals(s),
                 **s.extra,
             }
             for s in scores
@@ -115,26 +168,45 @@ def _fmt(x, pct: bool = False) -> str:
     return f"{100 * x:.1f}%" if pct else f"{x:.4g}"
 
 
+def _with_interval(x, interval) -> str:
+    if not interval:
+        return _fmt(x)
+    return f"{_fmt(x)} [{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
+def _retained_interval_text(interval) -> str:
+    if not interval:
+        return ""
+    return (
+        f" (95% interval {100 * interval[0]:.1f}-{100 * interval[1]:.1f}%: delta method, "
+        "the two models' samples taken as independent, so conservative)"
+    )
+
+
 def report_markdown(report: dict) -> str:
     lines = [
         "# Retained performance: two-tower (diffusion) vs backbone (AR)",
         "",
-        "| task | metric | backbone (AR) | two-tower (diffusion) | retained |",
-        "| --- | --- | ---: | ---: | ---: |",
+        "| task | metric | n | backbone (AR) | two-tower (diffusion) | retained |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for t in report["tasks"]:
         mark = "" if t["in_retained"] else " *"
         lines.append(
-            f"| {t['name']}{mark} | {t['metric']} | {_fmt(t['backbone'])} | "
-            f"{_fmt(t['twotower'])} | {_fmt(t['retained'], pct=True)} |"
+            f"| {t['name']}{mark} | {t['metric']} | {t.get('n', '')} | "
+            f"{_with_interval(t['backbone'], t.get('backbone_interval'))} | "
+            f"{_with_interval(t['twotower'], t.get('twotower_interval'))} | "
+            f"{_fmt(t['retained'], pct=True)} |"
         )
     names = ", ".join(report["retained_tasks"]) or "none"
     steps = report.get("steps_per_block")
     lines += [
         "",
         "\\* lower is better; retained = backbone / two-tower; not in the summary ratios.",
+        "Brackets: binomial 95% (Wilson) intervals.",
         "",
-        f"- **retained** (ratio of averages over {names}): {_fmt(report['retained'], True)}",
+        f"- **retained** (ratio of averages over {names}): {_fmt(report['retained'], True)}"
+        + _retained_interval_text(report.get("retained_interval")),
         f"- **retained, mean of ratios**: {_fmt(report['retained_mean_of_ratios'], True)}",
         f"- **tokens per denoiser forward** (threshold {report.get('threshold')}, order "
         f"{report.get('order', 'any')}, block {report.get('block_size')}, at most {steps} "
