@@ -524,3 +524,28 @@ def test_generate_command_line_decodes_what_the_model_did_before_export(release)
         f"twotower_train.generate: error: {path.parent / 'nope'} is not a two-tower release: "
         "config.json is missing"
     ]
+
+
+def test_model_card_results_carry_intervals() -> None:
+    """The card's results table shows the harness's intervals (retained and per task)."""
+    from twotower_train.eval.report import TaskScore, build_report
+    from twotower_train.model_card import _results
+
+    scores = [
+        TaskScore("copy", "exact_match", 0.995, 0.955, n=200),
+        TaskScore("perplexity", "perplexity", 3.6, 9.8, higher_is_better=False, n=200),
+    ]
+    report = build_report(
+        scores, tokens_per_forward=3.4, speed=None, sweep=[], decode={}, config={}, wall_s=1.0
+    )
+    text = "\n".join(_results(report, {}))
+    lo, hi = report["retained_interval"]
+    assert f"(95% interval {lo:.3f}-{hi:.3f})" in text
+    assert "| copy | exact_match | 0.995 | 0.955 [0.917, 0.976] | 0.960 |" in text
+    assert "| perplexity * | perplexity | 3.600 | 9.800 | 0.367 |" in text  # no interval
+    assert "binomial 95% (Wilson) intervals" in text
+    # Reports written before intervals existed still render.
+    for task in report["tasks"]:
+        task.pop("twotower_interval", None)
+    report.pop("retained_interval")
+    assert "| copy | exact_match | 0.995 | 0.955 | 0.960 |" in "\n".join(_results(report, {}))

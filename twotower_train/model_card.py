@@ -155,6 +155,11 @@ def _results(report: dict | None, run_info: dict) -> list[str]:
         f"tokens per denoiser forward (threshold {report.get('threshold')}, order "
         f"{report.get('order')})"
         + (
+            " (95% interval {:.3f}-{:.3f})".format(*report["retained_interval"])
+            if report.get("retained_interval")
+            else ""
+        )
+        + (
             f"; {report['speedup_vs_ar']:.2f}x the AR tokens/s at batch 1"
             if report.get("speedup_vs_ar")
             else ""
@@ -170,9 +175,11 @@ def _results(report: dict | None, run_info: dict) -> list[str]:
         mark = ""
         if task.get("in_retained") is False:
             mark, footnote = " *", True
+        ci = task.get("twotower_interval")
+        two = f"{task['twotower']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
         lines.append(
             f"| {task['name']}{mark} | {task['metric']} | {task['backbone']:.3f} | "
-            f"{task['twotower']:.3f} | {retained:.3f} |"
+            f"{two} | {retained:.3f} |"
             if retained is not None
             else f"| {task['name']}{mark} | {task['metric']} | {task['backbone']} | "
             f"{task['twotower']} | -- |"
@@ -184,7 +191,11 @@ def _results(report: dict | None, run_info: dict) -> list[str]:
         ]
     n = {t.get("n") for t in report.get("tasks", []) if t.get("n")}
     if n:
-        lines += ["", f"Examples per task: {', '.join(str(x) for x in sorted(n))}."]
+        lines += [
+            "",
+            f"Examples per task: {', '.join(str(x) for x in sorted(n))}; brackets: binomial 95% "
+            "(Wilson) intervals.",
+        ]
     plot = run_info.get("plot")
     if plot:
         lines += ["", f"![retained vs tokens per forward]({Path(plot).name})"]
