@@ -106,24 +106,18 @@ def test_retained_interval_covers_simulated_ratios():
     assert lo < sum(two) / sum(back) < hi
     gen = torch.Generator().manual_seed(0)
     draws = 4000
-    sim_two = torch.stack(
-        [
-            torch.binomial(
-                torch.full((draws,), n * 1.0), torch.tensor(p).expand(draws), generator=gen
-            )
-            / n
-            for p in two
-        ]
-    ).mean(0)
-    sim_back = torch.stack(
-        [
-            torch.binomial(
-                torch.full((draws,), n * 1.0), torch.tensor(p).expand(draws), generator=gen
-            )
-            / n
-            for p in back
-        ]
-    ).mean(0)
+
+    def simulated_mean(accuracies: list[float]) -> torch.Tensor:
+        """Mean accuracy over the tasks in each of ``draws`` simulated evaluations."""
+        counts = torch.full((draws,), float(n))
+        return torch.stack(
+            [
+                torch.binomial(counts, torch.tensor(p).expand(draws), generator=gen) / n
+                for p in accuracies
+            ]
+        ).mean(0)
+
+    sim_two, sim_back = simulated_mean(two), simulated_mean(back)
     ratio = sim_two / sim_back
     inside = ((ratio >= lo) & (ratio <= hi)).float().mean().item()
     assert 0.93 < inside < 0.97  # a 95% interval, up to the normal approximation
