@@ -130,3 +130,19 @@ def test_out_must_be_jsonl(tmp_path, capsys):
     argv = ["--backbone", "tiny_llama", "--input", "tiny_world", "--out", str(tmp_path / "x.txt")]
     assert distill_data.main(argv) == 1
     assert "must end in .jsonl" in capsys.readouterr().err
+
+
+def test_input_files_take_a_file_folder_glob_or_the_tiny_world(tmp_path: Path, monkeypatch):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "x"}])
+    b = write_jsonl(tmp_path / "b.jsonl.gz", [{"prompt": "y"}])
+    (tmp_path / "notes.txt").write_text("not data")
+    assert distill_data.input_files(str(a)) == [a]
+    assert distill_data.input_files(str(tmp_path)) == [a, b]
+    assert distill_data.input_files(str(tmp_path / "*.jsonl*")) == [a, b]
+    monkeypatch.chdir(tmp_path)
+    assert [p.name for p in distill_data.input_files("*.jsonl")] == ["a.jsonl"]
+    assert distill_data.input_files("tiny_world")[0].name.startswith("train.jsonl")
+    records, skipped = distill_data.read_prompts([a, b], "prompt", None)
+    assert [r["prompt"] for r in records] == ["x", "y"] and skipped == 0
+    with pytest.raises(distill_data.DistillDataError, match="no such file"):
+        distill_data.input_files(str(tmp_path / "*.parquet"))
