@@ -43,6 +43,7 @@ def test_greedy_continuations_equal_step_by_step_argmax(family, tok):
         model.lm_head.weight[tok.eos_token_id] *= 3.0
     prompts = ["add 1 2 =", "copy a b c =", "add 10 20 =", "the cat", "sort 3 1 2 ="]
     got = distill_data.greedy_continuations(model, tok, prompts, max_new_tokens=6, batch_size=2)
+    assert {finished for _, finished in got} == {True, False}  # both cases are exercised
     for prompt, (ids, finished) in zip(prompts, got):
         want = hf_greedy(model, tok, prompt, 6)
         assert ids == want

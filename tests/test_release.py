@@ -368,6 +368,27 @@ def test_decode_benchmark_times_every_decoder(release) -> None:
     assert rows[("ar", None)]["speedup_vs_ar"] == 1.0
     assert all(r["tokens_per_s"] > 0 and r["new_tokens"] > 0 for r in rows.values())
     assert all("breakdown" not in r for r in rows.values())
+    assert out["prompt_order"] == "tasks"
+
+
+def test_decode_benchmark_takes_the_harness_prompts(release) -> None:
+    """--prompt-order round-robin: the harness's speed subset (one prompt per task in turn)."""
+    from twotower_train.eval import tasks
+    from twotower_train.eval.bench_decode import run as bench_run
+    from twotower_train.eval.harness import round_robin
+
+    gen_tasks = tasks.of_kind(list(tasks.registry()), tasks.GenerationTask)
+    examples = tasks.generation_examples(gen_tasks, 2)
+    order = [ex["task"] for ex in round_robin(examples, examples)]
+    assert order[: len(gen_tasks)] == [t.name for t in gen_tasks]  # each task once, in turn
+    path, _ = release
+    parser = argparse.ArgumentParser()
+    bench_args(parser)
+    argv = ["--release", str(path), "--prompts", "3", "--repeats", "1", "--max-new-tokens", "4"]
+    out = bench_run(
+        parser.parse_args([*argv, "--thresholds", "0.9", "--prompt-order", "round-robin"])
+    )
+    assert out["prompt_order"] == "round-robin" and out["prompts"] == 3
 
 
 def test_decode_benchmark_breakdown_accounts_for_every_forward(release) -> None:

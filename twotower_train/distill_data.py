@@ -44,21 +44,19 @@ class DistillDataError(ValueError):
 
 
 def input_files(spec: str) -> list[Path]:
-    """``tiny_world`` (the shipped corpus), a file, a folder of ``.jsonl[.gz]``, or a glob."""
+    """``tiny_world`` (the shipped corpus), or a file, folder or glob as a jsonl source takes
+    them (``data.documents.resolve_files``)."""
+    from twotower_train.config import SourceKind
+    from twotower_train.data.documents import resolve_files
+
     if spec == TINY_WORLD:
         from twotower_train import tiny_world
 
         return [Path(tiny_world.CORPUS_DIR) / tiny_world.TRAIN_FILE]
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.name.endswith((".jsonl", ".jsonl.gz")))
-    elif any(c in spec for c in "*?["):
-        files = sorted(Path(path.anchor or ".").glob(str(path.relative_to(path.anchor or "."))))
-    else:
-        files = [path] if path.is_file() else []
-    if not files:
-        raise DistillDataError(f"--input {spec}: no such file, or no .jsonl files there")
-    return files
+    try:
+        return resolve_files(spec, SourceKind.jsonl, "--input")
+    except FileNotFoundError:
+        raise DistillDataError(f"--input {spec}: no such file, or no .jsonl files there") from None
 
 
 def read_prompts(files: list[Path], prompt_field: str, limit: int | None) -> tuple[list, int]:

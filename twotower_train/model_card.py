@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from twotower_train.eval.report import interval_text
+
 
 def model_card(model, backbone: dict, run_info: dict) -> str:
     """Markdown (with Hugging Face metadata front matter) for a release folder."""
@@ -175,8 +177,7 @@ def _results(report: dict | None, run_info: dict) -> list[str]:
         mark = ""
         if task.get("in_retained") is False:
             mark, footnote = " *", True
-        ci = task.get("twotower_interval")
-        two = f"{task['twotower']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+        two = f"{task['twotower']:.3f}" + interval_text(task.get("twotower_interval"))
         lines.append(
             f"| {task['name']}{mark} | {task['metric']} | {task['backbone']:.3f} | "
             f"{two} | {retained:.3f} |"

@@ -37,6 +37,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--verify", action="store_true", help="also time verified decoding")
     p.add_argument(
+        "--prompt-order",
+        choices=["tasks", "round-robin"],
+        default="tasks",
+        help="which prompts: the first of each task in turn (tasks), or taken round-robin "
+        "over the tasks, the harness's speed subset (round-robin)",
+    )
+    p.add_argument(
         "--breakdown",
         action="store_true",
         help="where each decoder's time goes: prompt prefill, context-tower extensions, "
@@ -114,12 +121,15 @@ def _breakdown(timer: ForwardTimer, wall: float, tokens: int) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     from twotower_train.eval import tasks
+    from twotower_train.eval.harness import round_robin
     from twotower_train.generate import DecodeConfig, ar_generate, diffusion_generate
 
     model, tokenizer, device = _build(args)
     gen_tasks = tasks.of_kind(list(tasks.registry()), tasks.GenerationTask)
     examples = tasks.generation_examples(gen_tasks, -(-args.prompts // len(gen_tasks)))
     prompts = [tokenizer.encode(ex["prompt"], add_special_tokens=False) for ex in examples]
+    if args.prompt_order == "round-robin":
+        prompts = round_robin(examples, prompts)
     prompts = prompts[: args.prompts]
     eos = tokenizer.eos_token_id
     results = []
@@ -199,6 +209,7 @@ def run(args: argparse.Namespace) -> dict:
         "dtype": args.dtype,
         "order": args.order,
         "prompts": len(prompts),
+        "prompt_order": args.prompt_order,
         "max_new_tokens": args.max_new_tokens,
         "results": results,
     }

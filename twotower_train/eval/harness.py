@@ -253,7 +253,7 @@ def _verified(model, tokenizer, cfg: EvalConfig, examples, backbone, prompt_ids)
     }
 
 
-def _interleave(examples: list[dict], prompt_ids: list[list[int]]) -> list[list[int]]:
+def round_robin(examples: list[dict], prompt_ids: list[list[int]]) -> list[list[int]]:
     """Prompts taken round-robin over tasks, so a short speed subset covers every task."""
     per: dict[str, list[list[int]]] = {}
     for ex, p in zip(examples, prompt_ids):
@@ -294,7 +294,7 @@ def evaluate(
                 scores.append(
                     TaskScore(t.name, t.metric, backbone[t.name], main_scores[t.name], n=n)
                 )
-            speed_prompts = _interleave(examples, prompt_ids)
+            speed_prompts = round_robin(examples, prompt_ids)
             if cfg.speed_examples > 0:
                 speed = _speed(model, speed_prompts, cfg, tokenizer.eos_token_id)
             if cfg.verify:

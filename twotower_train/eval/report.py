@@ -62,14 +62,19 @@ class TaskScore:
         return num / den if den > 0 else None
 
 
+def _means(counted: list[TaskScore]) -> tuple[float, float]:
+    """(two-tower, backbone) mean score over ``counted``."""
+    k = len(counted)
+    return sum(s.twotower for s in counted) / k, sum(s.backbone for s in counted) / k
+
+
 def retained_ratios(scores: list[TaskScore]) -> tuple[float | None, float | None]:
     """(ratio of averages, mean of ratios) over the higher-is-better tasks; a task whose
     backbone scores 0 has no ratio and is left out of the mean of ratios."""
     counted = [s for s in scores if s.higher_is_better]
     if not counted:
         return None, None
-    back = sum(s.backbone for s in counted) / len(counted)
-    two = sum(s.twotower for s in counted) / len(counted)
+    two, back = _means(counted)
     ratios = [s.retained for s in counted if s.retained is not None]
     return (two / back if back > 0 else None), (sum(ratios) / len(ratios) if ratios else None)
 
@@ -95,8 +100,7 @@ def retained_interval(scores: list[TaskScore], z: float = Z95) -> tuple[float, f
     if not counted or any(s.n <= 0 for s in counted):
         return None
     k = len(counted)
-    two = sum(s.twotower for s in counted) / k
-    back = sum(s.backbone for s in counted) / k
+    two, back = _means(counted)
     if back <= 0:
         return None
     var_two = sum(s.twotower * (1 - s.twotower) / s.n for s in counted) / k**2
@@ -168,10 +172,13 @@ def _fmt(x, pct: bool = False) -> str:
     return f"{100 * x:.1f}%" if pct else f"{x:.4g}"
 
 
+def interval_text(interval) -> str:
+    """`` [lo, hi]`` to three decimals, or nothing without an interval."""
+    return f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
+
+
 def _with_interval(x, interval) -> str:
-    if not interval:
-        return _fmt(x)
-    return f"{_fmt(x)} [{interval[0]:.3f}, {interval[1]:.3f}]"
+    return _fmt(x) + interval_text(interval)
 
 
 def _retained_interval_text(interval) -> str:
