@@ -112,7 +112,7 @@ def test_zero3_run_with_checkpointing_logs_the_same_losses_and_mfu(tmp_path, cap
     from conftest import TINY_TWO_TOWER_ZERO3, read_metrics
 
     from twotower_train.config import compose
-    from twotower_train.train import train
+    from twotower_train.run.train import train
 
     common = [*TINY_TWO_TOWER_ZERO3, "train.ckpt_every=1000", "data.val_sequences=0"]
     runs = {}

@@ -13,8 +13,8 @@ from twotower_train.backbones import (
     resolve,
 )
 from twotower_train.config import BackboneConfig
+from twotower_train.decoding import DecodeConfig, ar_generate
 from twotower_train.eval import tasks
-from twotower_train.generate import DecodeConfig, ar_generate
 from twotower_train.model import ContextTower
 from twotower_train.tiny_world import TASKS, load_test_tasks
 

@@ -11,7 +11,7 @@ import torch
 from conftest import TINY_TWO_TOWER_ZERO3, losses
 
 from twotower_train.config import compose
-from twotower_train.train import setup, train
+from twotower_train.run.train import setup, train
 
 TWO_TOWER_ZERO3 = [*TINY_TWO_TOWER_ZERO3, "train.ckpt_every=100", "eval.tasks=[]"]
 

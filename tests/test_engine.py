@@ -25,7 +25,7 @@ from conftest import (
 from twotower_train.config import OptimConfig, compose
 from twotower_train.engine.deepspeed_engine import lr_lambda
 from twotower_train.engine.distributed import init_distributed
-from twotower_train.train import engine_for, train
+from twotower_train.run.train import engine_for, train
 
 
 def _train_in_process(tmp_path: Path, *overrides: str) -> dict[int, float]:

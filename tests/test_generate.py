@@ -1,4 +1,4 @@
-"""Block-diffusion decoding and the AR baseline (``twotower_train/generate.py``), CPU fp32."""
+"""Block-diffusion decoding and the AR baseline (``twotower_train/decoding.py``), CPU fp32."""
 
 import copy
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_models import FAMILIES, tiny_backbone
 
-from twotower_train.generate import (
+from twotower_train.decoding import (
     DecodeConfig,
     GenerationStats,
     ar_generate,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny_models import tiny_backbone
 
-from twotower_train import mfu
+from twotower_train.engine import mfu
 from twotower_train.model import TwoTowerModel
 from twotower_train.model.registry import layer_list
 

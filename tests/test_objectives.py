@@ -10,7 +10,7 @@ from conftest import TINY
 
 from twotower_train.backbones import load_backbone, load_tokenizer
 from twotower_train.config import compose
-from twotower_train.train import build_objective
+from twotower_train.run.train import build_objective
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from twotower_train.__main__ import main
 from twotower_train.backbones import SHIPPED_CONFIGS
 from twotower_train.config import RECIPES_DIR, compose
-from twotower_train.plan import (
+from twotower_train.run.plan import (
     ModelShape,
     build_bytes,
     estimate,

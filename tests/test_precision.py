@@ -329,7 +329,7 @@ def test_fp8_on_cpu_is_refused_in_one_line_before_any_work(tmp_path, capsys) -> 
 def test_bench_precision_trains_each_setting_from_the_same_start(capsys) -> None:
     import json
 
-    from twotower_train import bench
+    from twotower_train.tools import bench
 
     tt = [o for o in TINY if not o.startswith(("recipe=", "train.objective"))]
     tt += ["train.objective=twotower", "denoiser.block_size=8", "data.val_sequences=0"]

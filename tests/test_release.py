@@ -13,17 +13,13 @@ import torch
 from conftest import REPO, subprocess_env
 from tiny_models import tiny_backbone
 
-from twotower_train.eval.bench_decode import _build as build_bench_model
-from twotower_train.eval.bench_decode import add_args as bench_args
+from twotower_train.backbones import load_release
 from twotower_train.model import TwoTowerConfig, TwoTowerModel
-from twotower_train.release import (
-    CONFIG_FILE,
-    DENOISER_FILE,
-    FORMAT_VERSION,
-    load_release,
-    save_release,
-)
+from twotower_train.model.pretrained import CONFIG_FILE, DENOISER_FILE, FORMAT_VERSION
+from twotower_train.release import save_release
 from twotower_train.tiny_world import load_tokenizer
+from twotower_train.tools.bench_decode import _build as build_bench_model
+from twotower_train.tools.bench_decode import add_args as bench_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -355,7 +351,7 @@ def test_decode_benchmark_loads_the_trained_denoiser(release) -> None:
 
 
 def test_decode_benchmark_times_every_decoder(release) -> None:
-    from twotower_train.eval.bench_decode import run as bench_run
+    from twotower_train.tools.bench_decode import run as bench_run
 
     path, _ = release
     parser = argparse.ArgumentParser()
@@ -374,8 +370,8 @@ def test_decode_benchmark_times_every_decoder(release) -> None:
 def test_decode_benchmark_takes_the_harness_prompts(release) -> None:
     """--prompt-order round-robin: the harness's speed subset (one prompt per task in turn)."""
     from twotower_train.eval import tasks
-    from twotower_train.eval.bench_decode import run as bench_run
     from twotower_train.eval.harness import round_robin
+    from twotower_train.tools.bench_decode import run as bench_run
 
     gen_tasks = tasks.of_kind(list(tasks.registry()), tasks.GenerationTask)
     examples = tasks.generation_examples(gen_tasks, 2)
@@ -395,7 +391,7 @@ def test_decode_benchmark_breakdown_accounts_for_every_forward(release) -> None:
     """--breakdown: AR never calls the denoiser, plain diffusion extends the context only
     between blocks, verified decoding verifies every drafted block; the shares add up to
     the whole; the model gets its own methods back afterwards."""
-    from twotower_train.eval.bench_decode import run as bench_run
+    from twotower_train.tools.bench_decode import run as bench_run
 
     path, _ = release
     parser = argparse.ArgumentParser()
@@ -410,7 +406,7 @@ def test_decode_benchmark_breakdown_accounts_for_every_forward(release) -> None:
     assert rows["ar"]["denoiser_calls_per_token"] == 0 and rows["ar"]["context_share"] > 0
     assert rows["diffusion"]["denoiser_calls_per_token"] > 0
     assert rows["verified"]["context_calls_per_token"] > 0  # the backbone verifies drafts
-    from twotower_train.eval.bench_decode import ForwardTimer
+    from twotower_train.tools.bench_decode import ForwardTimer
 
     model, _, _ = build_bench_model(parser.parse_args(["--release", str(path)]))
     timer = ForwardTimer(model)
@@ -507,7 +503,7 @@ def test_generate_command_line_decodes_what_the_model_did_before_export(release)
     the model generated before export, and the decode stats."""
     import subprocess
 
-    from twotower_train.generate import DecodeConfig, diffusion_generate
+    from twotower_train.decoding import DecodeConfig, diffusion_generate
 
     path, model = release
     tokenizer = load_tokenizer()
@@ -550,7 +546,7 @@ def test_generate_command_line_decodes_what_the_model_did_before_export(release)
 def test_model_card_results_carry_intervals() -> None:
     """The card's results table shows the harness's intervals (retained and per task)."""
     from twotower_train.eval.report import TaskScore, build_report
-    from twotower_train.model_card import _results
+    from twotower_train.release.model_card import _results
 
     scores = [
         TaskScore("copy", "exact_match", 0.995, 0.955, n=200),

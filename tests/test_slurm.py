@@ -347,7 +347,7 @@ def test_wandb_reuses_the_run_id_kept_in_run_dir(tmp_path: Path, monkeypatch) ->
     import types
 
     from twotower_train.config import LoggerBackend, LoggerConfig, WandbMode
-    from twotower_train.metrics import _start_wandb
+    from twotower_train.run.metrics import _start_wandb
 
     calls = []
     standin = types.SimpleNamespace(init=lambda **kw: calls.append(kw) or object())

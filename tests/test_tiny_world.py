@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from twotower_train import tiny_world
+from twotower_train.decoding import DecodeConfig, ar_generate
 from twotower_train.eval import tasks
-from twotower_train.generate import DecodeConfig, ar_generate
 from twotower_train.model import ContextTower
 from twotower_train.tiny_world import (
     CORPUS_DIR,

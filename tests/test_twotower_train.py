@@ -14,7 +14,7 @@ from conftest import TINY, losses, read_metrics, run_cli
 from twotower_train.backbones import load_backbone, load_tokenizer
 from twotower_train.config import compose
 from twotower_train.engine.distributed import init_distributed
-from twotower_train.train import build_objective, engine_for, train
+from twotower_train.run.train import build_objective, engine_for, train
 
 # A random tiny Llama (scratch) as backbone, trained as a two-tower model.
 TT = [
@@ -267,7 +267,7 @@ def test_rerunning_a_finished_run_is_a_no_op(tmp_path: Path) -> None:
 
 
 def test_bench_levers_times_every_lever(capsys) -> None:
-    from twotower_train import bench
+    from twotower_train.tools import bench
 
     overrides = [ov for ov in TT if not ov.startswith("recipe=")]
     assert bench.main(["levers", "--steps", "1", "--warmup", "0", *overrides]) == 0
@@ -279,7 +279,7 @@ def test_bench_levers_times_every_lever(capsys) -> None:
 def test_bench_compare_against_a_git_ref(capsys) -> None:
     """`bench compare` extracts a ref's package, imports it beside this one and times both on
     the same inputs; a ref that does not exist is one line, exit 2."""
-    from twotower_train import bench
+    from twotower_train.tools import bench
 
     small = ["--steps", "1", "--rounds", "1", "--calls", "1", "--batch", "2", "--seq-len", "32"]
     assert bench.main(["compare", "--ref", "HEAD", *small]) == 0
@@ -289,4 +289,4 @@ def test_bench_compare_against_a_git_ref(capsys) -> None:
     assert not any(m.startswith("twotower_train_ref") for m in sys.modules)
     assert bench.main(["compare", "--ref", "no-such-ref-x", *small]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("twotower_train.bench: error: cannot extract twotower_train/")
+    assert err[-1].startswith("twotower_train.tools.bench: error: cannot extract twotower_train/")

@@ -10,7 +10,7 @@ from conftest import SHIPPED_TWO_TOWER_ZERO3, TINY_TWO_TOWER_ZERO3, run_torchrun
 
 from twotower_train.config import ConfigError, compose
 from twotower_train.engine.zero_init import is_partitioned
-from twotower_train.train import setup
+from twotower_train.run.train import setup
 
 
 def _two_steps(run) -> list[float]:
@@ -105,7 +105,7 @@ def test_what_a_partitioned_build_cannot_do_is_refused(override, message) -> Non
 def test_zero3_gather_limits_reach_deepspeed_and_the_plan() -> None:
     """deepspeed.max_live_parameters / max_reuse_distance / prefetch_bucket_size are
     DeepSpeed's stage3_* keys; the plan's ZeRO-3 buffers follow them."""
-    from twotower_train.plan import estimate, meta_model, model_shape
+    from twotower_train.run.plan import estimate, meta_model, model_shape
 
     knobs = [
         "deepspeed.max_live_parameters=123456",

@@ -15,7 +15,7 @@ from twotower_train.backbones import load_backbone
 from twotower_train.config import compose
 from twotower_train.engine.zero_init import is_partitioned
 from twotower_train.model.registry import layer_list
-from twotower_train.train import setup
+from twotower_train.run.train import setup
 
 
 def main() -> None:

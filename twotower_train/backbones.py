@@ -18,12 +18,9 @@ from transformers import (
 from twotower_train.config import BackboneConfig, InitMode
 from twotower_train.errors import first_line
 from twotower_train.model import TwoTowerConfig, TwoTowerModel
+from twotower_train.model.hub import ASSETS, SHIPPED_BACKBONES, BackboneError, resolve
+from twotower_train.model.pretrained import is_release
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-SHIPPED_BACKBONES = {
-    "tiny_llama": ASSETS / "backbones" / "tiny_llama",
-    "tiny_nemotron_h": ASSETS / "backbones" / "tiny_nemotron_h",
-}
 TINY_WORLD_TOKENIZER = ASSETS / "tiny_world" / "tokenizer"
 # Published config.json files (no weights) of the real backbones the recipes name, so
 # `mode=plan` needs no network: assets/configs/README.md says where each comes from.
@@ -32,27 +29,6 @@ SHIPPED_CONFIGS = {
     "Qwen/Qwen3-0.6B": ASSETS / "configs" / "qwen3_0_6b",
     "meta-llama/Llama-3.2-1B": ASSETS / "configs" / "llama_3_2_1b",
 }
-
-
-class BackboneError(RuntimeError):
-    """A backbone or tokenizer that cannot be loaded; the message is one line."""
-
-
-def resolve(name_or_path: str) -> str:
-    """A shipped name -> its folder; an existing local path -> itself; else a hub id."""
-    if name_or_path in SHIPPED_BACKBONES:
-        path = SHIPPED_BACKBONES[name_or_path]
-        if not (path / "config.json").is_file():
-            raise BackboneError(f"shipped backbone '{name_or_path}' is missing at {path}")
-        return str(path)
-    p = Path(name_or_path).expanduser()
-    if p.exists():
-        if not (p / "config.json").is_file():
-            raise BackboneError(f"{p} is not a Hugging Face model folder (no config.json)")
-        return str(p)
-    if name_or_path.startswith(("/", ".", "~")):
-        raise BackboneError(f"backbone path {name_or_path} does not exist")
-    return name_or_path
 
 
 def load_tokenizer(cfg: BackboneConfig):
@@ -146,8 +122,6 @@ def load_two_tower(source: str, config: TwoTowerConfig | None = None):
     """``(TwoTowerModel, tokenizer)`` from a release folder, or from a backbone (shipped
     name, local folder, hub id) with a fresh, untrained denoiser built with ``config``
     (smoke tests and speed benchmarks: its tokens per forward mean nothing)."""
-    from twotower_train.release import is_release, load_release
-
     if is_release(source):
         if config is not None:
             raise ValueError(f"{source} is a release: its settings are in the release")
@@ -156,3 +130,28 @@ def load_two_tower(source: str, config: TwoTowerConfig | None = None):
     tokenizer = load_tokenizer(bcfg)
     model = build_two_tower(load_backbone(bcfg, tokenizer), tokenizer, config or TwoTowerConfig())
     return model.eval(), tokenizer
+
+
+def load_release(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    tokenizer: bool = True,
+    backbone_path: str | Path | None = None,
+):
+    """``(TwoTowerModel, tokenizer)`` from a release folder (``TwoTowerModel.from_release``;
+    the tokenizer is None with ``tokenizer=False``)."""
+    model = TwoTowerModel.from_release(path, dtype=dtype, backbone_path=backbone_path)
+    return model, (release_tokenizer(path) if tokenizer else None)
+
+
+def release_tokenizer(path: str | Path):
+    """A release's tokenizer (transformers' warning that config.json's model type
+    ``twotower`` is not one of its own is expected here, so it is kept quiet)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    finally:
+        hf_logging.set_verbosity(level)

@@ -28,8 +28,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from twotower_train.errors import TwoTowerError, first_line
+from twotower_train.files import atomic_write_text
+
 SKIP_GROUPS = ("recipe", "hydra")  # recipes are listed apart; hydra/launcher below
 USAGE = "usage: python -m twotower_train [--help] [--info] [--cfg job|all [--resolve]] [-m] [recipe=NAME] [key=value ...]"
+
+
+class UsageError(TwoTowerError, ValueError):
+    """A command line that cannot be parsed; the message is one line."""
 
 
 @dataclass
@@ -63,21 +70,83 @@ def parse(argv: list[str]) -> Args:
             else:
                 value = a.split("=", 1)[1]
             if value not in ("job", "all"):
-                raise ValueError(f"--cfg takes job or all, got {value!r}")
+                raise UsageError(f"--cfg takes job or all, got {value!r}")
             args.cfg = value
         elif a.startswith("-") or "=" not in a:
-            raise ValueError(f"arguments must be key=value overrides or flags, got: {a}")
+            raise UsageError(f"arguments must be key=value overrides or flags, got: {a}")
         else:
             args.overrides.append(a)
         i += 1
     if args.resolve and args.cfg is None:
-        raise ValueError("--resolve goes with --cfg job|all")
+        raise UsageError("--resolve goes with --cfg job|all")
     if args.multirun and args.cfg is not None:
-        raise ValueError("--cfg prints one config; drop -m (or print one job's config)")
+        raise UsageError("--cfg prints one config; drop -m (or print one job's config)")
     launcher = [o for o in args.overrides if o.lstrip("+~").startswith("hydra/launcher=")]
     if launcher and not args.multirun and args.cfg is None:
-        raise ValueError(f"{launcher[0]} chooses where a sweep's jobs run: add -m")
+        raise UsageError(f"{launcher[0]} chooses where a sweep's jobs run: add -m")
     return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: parse, compose and check the config, run the mode. The project's
+    own errors (``TwoTowerError``) end as one line and exit status 2; anything else is a bug
+    and keeps its traceback."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from twotower_train.config import fail
+    from twotower_train.engine.slurm import EXIT_NOT_REQUEUED, RequeueError
+
+    try:
+        args = parse(sys.argv[1:] if argv is None else argv)
+        if args.help:
+            print(help_text())
+            return 0
+        if args.info:
+            print(info_text())
+            return 0
+        if args.cfg is not None:
+            print(config_text(args.overrides, args.cfg, args.resolve), end="")
+            return 0
+        if args.multirun:
+            return multirun(args.overrides)
+        run_mode(compose_run(args.overrides))
+    except RequeueError as exc:  # one line from rank 0; every rank exits with the same status
+        if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) != "0":
+            raise SystemExit(EXIT_NOT_REQUEUED) from None
+        fail(str(exc), code=EXIT_NOT_REQUEUED)
+    except TwoTowerError as exc:
+        fail(first_line(exc))
+    return 0
+
+
+def compose_run(overrides: list[str]):
+    """The validated config of a run, checked against what the run knows (task names)."""
+    from twotower_train.config import compose
+    from twotower_train.run.preflight import preflight
+
+    cfg = compose(overrides)
+    preflight(cfg)
+    return cfg
+
+
+def run_mode(cfg) -> None:
+    from twotower_train.config import Mode
+
+    if cfg.mode == Mode.train:
+        from twotower_train.run.train import train
+
+        train(cfg)
+    elif cfg.mode == Mode.plan:
+        from twotower_train.run.plan import run_plan
+
+        run_plan(cfg)
+    elif cfg.mode == Mode.release:
+        from twotower_train.run.train import release_from_checkpoint
+
+        release_from_checkpoint(cfg)
+    else:
+        from twotower_train.run.evaluate import evaluate_run
+
+        evaluate_run(cfg)
 
 
 def help_text() -> str:
@@ -159,7 +228,7 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as exc:
         text = str(exc).strip().splitlines()
-        raise ValueError(f"bad sweep override: {text[0] if text else exc}") from None
+        raise UsageError(f"bad sweep override: {text[0] if text else exc}") from None
     batches = BasicSweeper.split_arguments(parsed, None)
     return [job for batch in batches for job in batch]
 
@@ -168,10 +237,10 @@ def multirun(overrides: list[str]) -> int:
     """Run every job of the sweep (see the module docstring); returns the exit status."""
     import yaml
 
-    from twotower_train.config import compose, hydra_section
+    from twotower_train.config import hydra_section
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("-m runs jobs one after another; launch it once, not under torchrun")
+        raise UsageError("-m runs jobs one after another; launch it once, not under torchrun")
     # hydra/... and hydra.... overrides choose and set the launcher; they are not job settings
     launcher = hydra_section([o for o in overrides if _is_hydra(o)])["launcher"]
     jobs = [[o for o in job if not _is_hydra(o)] for job in sweep_jobs(overrides)]
@@ -184,7 +253,7 @@ def multirun(overrides: list[str]) -> int:
     runs = []
     for n, job in enumerate(jobs):
         job = [o for o in job if not o.startswith("run.dir=")] + [f"run.dir={root / str(n)}"]
-        compose(job)  # every job validated before the first one starts
+        compose_run(job)  # every job validated before the first one starts
         runs.append(job)
     root.mkdir(parents=True, exist_ok=True)
     record = {"sweep": [str(o) for o in overrides], "jobs": []}
@@ -193,7 +262,7 @@ def multirun(overrides: list[str]) -> int:
         record["launcher"] = "slurm"
         for n, (job, job_id) in enumerate(zip(runs, ids)):
             record["jobs"].append({"number": n, "overrides": job, "slurm_job_id": job_id})
-        (root / "multirun.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+        atomic_write_text(root / "multirun.yaml", yaml.safe_dump(record, sort_keys=False))
         print(
             f"[twotower_train] sweep: {len(runs)} jobs submitted to Slurm ({', '.join(ids)}), "
             f"run dirs {root}/<job number>, logs in {root / '.submitit'}"
@@ -204,7 +273,7 @@ def multirun(overrides: list[str]) -> int:
         print(f"[twotower_train] sweep job {n + 1}/{len(runs)}: {' '.join(job)}", flush=True)
         proc = subprocess.run([sys.executable, "-m", "twotower_train", *job])
         record["jobs"].append({"number": n, "overrides": job, "returncode": proc.returncode})
-        (root / "multirun.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+        atomic_write_text(root / "multirun.yaml", yaml.safe_dump(record, sort_keys=False))
         status = status or proc.returncode
     print(
         f"[twotower_train] sweep: {len(runs)} jobs in {root}, {'all ok' if not status else 'some failed'}"
@@ -241,7 +310,7 @@ def submit_to_slurm(jobs: list[list[str]], root: Path, launcher: dict) -> list[s
     try:
         import submitit
     except ImportError:
-        raise ValueError(
+        raise UsageError(
             "hydra/launcher=slurm submits through submitit: pip install 'twotower-train[slurm]'"
         ) from None
     params = {k: v for k, v in launcher.items() if k not in ("_target_", "submitit_folder")}
@@ -257,7 +326,7 @@ def submit_to_slurm(jobs: list[list[str]], root: Path, launcher: dict) -> list[s
             slurm_max_num_timeout=params.pop("max_num_timeout"),
         )
     except RuntimeError as exc:  # no srun here
-        raise ValueError(f"hydra/launcher=slurm: {exc}") from None
+        raise UsageError(f"hydra/launcher=slurm: {exc}") from None
     executor.update_parameters(
         **{k if k in _SUBMITIT_BASE else f"slurm_{k}": v for k, v in params.items()},
         slurm_signal_delay_s=delay,
@@ -276,6 +345,4 @@ class SlurmSweepJob:
     overrides: list[str]
 
     def __call__(self) -> int:
-        from twotower_train.__main__ import main
-
         return main(self.overrides)

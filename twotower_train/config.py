@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from twotower_train.errors import first_line
+from twotower_train.errors import TwoTowerError, first_line
 from twotower_train.model.config import DType, TwoTowerConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ RECIPES_DIR = REPO_ROOT / "recipes"
 DEFAULT_RECIPE = "tiny"
 
 
-class ConfigError(ValueError):
+class ConfigError(TwoTowerError, ValueError):
     """A configuration the run cannot start with; the message is one line."""
 
 
@@ -65,12 +65,25 @@ class WandbMode(str, Enum):
     disabled = "disabled"
 
 
+class ResumeMode(str, Enum):
+    # Resume from run.dir's latest checkpoint when the saved config trains the same way;
+    # refuse (listing the keys) when a key that changes training differs.
+    auto = "auto"
+    # Resume from the latest checkpoint even though training keys changed (the new config is
+    # saved; the old one is kept as config.<step>.yaml).
+    changed = "changed"
+    # Start over: the old run's config, metrics and checkpoints move to run.dir/previous/<time>/.
+    restart = "restart"
+
+
 @dataclass
 class RunConfig:
     dir: str = "runs/${recipe}"  # one fixed directory every rank agrees on
     seed: int = 1234
-    # Resume from the latest checkpoint in run.dir when one exists.
-    resume: bool = True
+    resume: ResumeMode = ResumeMode.auto
+    # How long a rank waits for the others in a collective (rank 0's evaluation, export and
+    # upload included) before the process group gives up.
+    dist_timeout_s: int = 1800
 
 
 @dataclass
@@ -415,7 +428,7 @@ class EvalConfig:
     batch_size: int = 32
     speed_examples: int = 32  # prompts decoded at batch 1 for tokens/s (0 = skip)
     perplexity_seq_len: int = 128  # rounded up to a multiple of the block size
-    elbo_schedule: str = "linear"  # noise schedule of the ELBO draws
+    elbo_schedule: NoiseSchedule = NoiseSchedule.linear  # noise schedule of the ELBO draws
     # Also score verified decoding (the context tower checks every drafted block; lossless):
     # report.json `verified`.
     verify: bool = False
@@ -639,7 +652,31 @@ def check(cfg: Config) -> None:
         raise ConfigError("distill.weight must be >= 0 and distill.temperature > 0")
     if cfg.backbone.init == InitMode.scratch and "model_type" not in cfg.backbone.config:
         raise ConfigError("backbone.init=scratch needs backbone.config.model_type")
+    if cfg.run.dist_timeout_s <= 0:
+        raise ConfigError(f"run.dist_timeout_s must be > 0, got {cfg.run.dist_timeout_s}")
+    check_eval(cfg.eval)
     check_precision(cfg.precision, cfg.train)
+
+
+def check_eval(e: EvalConfig) -> None:
+    """Evaluation settings, checked before training starts (the task names are checked by
+    the run, which knows the task registry: ``run/preflight.py``)."""
+    for name in ("max_examples_per_task", "max_new_tokens", "batch_size", "elbo_samples"):
+        if getattr(e, name) < 1:
+            raise ConfigError(f"eval.{name} must be >= 1, got {getattr(e, name)}")
+    if e.speed_examples < 0 or e.perplexity_seq_len < 1:
+        raise ConfigError("eval.speed_examples must be >= 0 and eval.perplexity_seq_len >= 1")
+    if e.steps_per_block is not None and e.steps_per_block < 1:
+        raise ConfigError(f"eval.steps_per_block must be >= 1, got {e.steps_per_block}")
+    named = {"threshold": e.threshold, "verify_threshold": e.verify_threshold}
+    named.update({f"threshold_sweep[{i}]": v for i, v in enumerate(e.threshold_sweep)})
+    if e.adjacent_threshold is not None:
+        named["adjacent_threshold"] = e.adjacent_threshold
+    for key, value in named.items():
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ConfigError(f"eval.{key} must be in [0, 1], got {value}")
+    if len(set(e.tasks)) != len(e.tasks):
+        raise ConfigError(f"eval.tasks names a task twice: {list(e.tasks)}")
 
 
 def check_precision(p: PrecisionConfig, t: TrainConfig) -> None:

@@ -1,6 +1,15 @@
-"""User-facing errors are one line: this is where an exception becomes that line."""
+"""The project's own errors, and how one becomes a line.
+
+Every error a user can cause (a bad config key, a missing file, malformed data, a corrupt
+checkpoint or release) is a ``TwoTowerError``: the command line prints it as one line and
+exits non-zero. Anything else is a bug and keeps its full traceback.
+"""
 
 from __future__ import annotations
+
+
+class TwoTowerError(Exception):
+    """Base of every error the user can fix; its message is one line."""
 
 
 def first_line(exc: BaseException) -> str:

@@ -1,20 +1,17 @@
 """Training objectives as thin modules around a model: forward(batch) -> metrics.
 
 The engine wraps one of these, so DeepSpeed sees a module whose forward returns
-the loss; the model code itself knows nothing about objectives. Each objective also
-knows what it trained, so it says how to score and export it (``evaluate``,
-``export``), given a plain (non-DeepSpeed) fp32 copy of its model.
+the loss; the model code itself knows nothing about objectives. Scoring and exporting
+what was trained is the run's business (``run/evaluate.py``), not the objective's.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from twotower_train.config import DiffusionConfig, DistillConfig, EvalConfig, ExportConfig
+from twotower_train.config import DiffusionConfig, DistillConfig
 from twotower_train.diffusion import (
     after_eos_targets,
     diffusion_ce,
@@ -35,48 +32,6 @@ class CausalLMObjective(nn.Module):
         super().__init__()
         self.model = model
 
-    @torch.no_grad()
-    def evaluate(
-        self, model: nn.Module, tokenizer, cfg: EvalConfig, out_dir: Path, logger=None, step=None
-    ) -> dict[str, float]:
-        """Greedy exact match of the trained backbone ``model`` on the generation tasks of
-        ``cfg.tasks``, decoded with the project's one AR decoder: ``{"task/NAME": acc}``."""
-        from twotower_train.eval import tasks
-        from twotower_train.generate import DecodeConfig, ar_generate
-        from twotower_train.model import ContextTower
-
-        gen_tasks = tasks.of_kind(cfg.tasks, tasks.GenerationTask)
-        if not gen_tasks:
-            return {}
-        decode = DecodeConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-        examples = tasks.generation_examples(gen_tasks, cfg.max_examples_per_task)
-        scores, _, _ = tasks.generation_scores(
-            ar_generate, ContextTower.of(model), tokenizer, examples, decode
-        )
-        out = {f"task/{name}": acc for name, acc in scores.items()}
-        if logger is not None:
-            logger.log(step, out)
-        return out
-
-    def validate(self, model: nn.Module, tokenizer, cfg: EvalConfig) -> dict[str, float]:
-        """Held-out metrics beyond the validation loss (none for a backbone)."""
-        return {}
-
-    def export(
-        self, model: nn.Module, tokenizer, out_dir: Path, cfg: ExportConfig, run_info=None
-    ) -> Path:
-        """The trained backbone as a Hugging Face folder (safetensors + tokenizer)."""
-        from twotower_train.release import cast_state, shard_bytes
-
-        model.save_pretrained(
-            out_dir,
-            state_dict=cast_state(model.state_dict(), cfg.dtype.torch),
-            safe_serialization=True,
-            max_shard_size=shard_bytes(cfg.max_shard_size),
-        )
-        tokenizer.save_pretrained(out_dir)
-        return out_dir
-
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """input_ids [B, L] -> {"loss": mean next-token CE over positions with loss}."""
         ids = batch["input_ids"]
@@ -84,9 +39,6 @@ class CausalLMObjective(nn.Module):
         targets = ids[:, 1:].masked_fill(~batch["loss_mask"][:, 1:], -100)
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten())
         return {"loss": loss}
-
-
-VALIDATE_EXAMPLES = 64  # per generation task, for TwoTowerObjective.validate
 
 
 def _token_mean(values: list[torch.Tensor], counts: list[torch.Tensor]) -> torch.Tensor:
@@ -135,17 +87,10 @@ class TwoTowerObjective(nn.Module):
         return stages[min(int(self.progress * len(stages)), len(stages) - 1)]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """input_ids, loss_mask [B, L] (doc_ids [B, L]) -> {"loss", "ce", ("kd"),
+        "masked_acc", "masked_ce"}, at this step's block size (passed to the model, whose
+        own ``block_size`` is what decoding uses)."""
         bs = self.training_block_size()
-        if bs == self.model.config.block_size:
-            return self._forward(batch, bs)
-        full = self.model.config.block_size
-        self.model.config.block_size = bs  # masks, Mamba chunks and t per block follow it
-        try:
-            return self._forward(batch, bs)
-        finally:
-            self.model.config.block_size = full
-
-    def _forward(self, batch: dict[str, torch.Tensor], bs: int) -> dict[str, torch.Tensor]:
         clean, loss_mask = batch["input_ids"], batch["loss_mask"]
         b, length = clean.shape
         d = self.diffusion
@@ -187,7 +132,7 @@ class TwoTowerObjective(nn.Module):
             comp = maskable & ~masked
             noisy_c = torch.where(comp, torch.full_like(ids, self.mask_id), ids)
             passes.append((noisy_c, comp & scored, None if rate is None else 1.0 - rate))
-        ctx_out = self.model.context_forward(clean, doc_ids=doc_ids)
+        ctx_out = self.model.context_forward(clean, doc_ids=doc_ids, block_size=bs)
         t_tok = expand_blocks(t, bs)
         teacher = valid = None
         if self.distill.weight > 0:
@@ -196,7 +141,7 @@ class TwoTowerObjective(nn.Module):
         ces, kds, n_ce, n_kd = [], [], [], []
         correct = plain_sum = torch.zeros((), device=ids.device)
         for noisy_p, masked_p, rate_p in passes:
-            logits = self.model.denoise(noisy_p, ctx_out, t=rate_p, doc_ids=doc_ids)
+            logits = self.model.denoise(noisy_p, ctx_out, t=rate_p, doc_ids=doc_ids, block_size=bs)
             ces.append(
                 diffusion_ce(
                     logits,
@@ -242,42 +187,3 @@ class TwoTowerObjective(nn.Module):
         out["masked_ce"] = plain_sum / n_masked
         out["loss"] = loss
         return out
-
-    def validate(self, model: nn.Module, tokenizer, cfg: EvalConfig) -> dict[str, float]:
-        """The decode-mirroring validation metrics (``harness.answer_block_metrics``) on the
-        first ``VALIDATE_EXAMPLES`` held-out examples of each generation task of ``cfg``:
-        ``val_answer_ce``, ``val_answer_acc``, ``val_answer_exact``."""
-        from twotower_train.eval import tasks
-        from twotower_train.eval.harness import answer_block_metrics
-
-        gen = tasks.of_kind(cfg.tasks, tasks.GenerationTask)
-        limit = min(cfg.max_examples_per_task, VALIDATE_EXAMPLES)
-        examples = tasks.generation_examples(gen, limit)
-        metrics = answer_block_metrics(model, tokenizer, examples, cfg.batch_size)
-        return {f"val_{k}": v for k, v in metrics.items()}
-
-    def evaluate(
-        self, model: nn.Module, tokenizer, cfg: EvalConfig, out_dir: Path, logger=None, step=None
-    ) -> dict[str, float]:
-        """Retained performance of the trained two-tower ``model`` against its backbone
-        (``eval/harness.py``): report.json/md and the plot into ``out_dir``."""
-        from twotower_train.eval.harness import evaluate
-
-        report = evaluate(model, tokenizer, cfg, out_dir, logger, step)
-        return {"retained": report["retained"]}
-
-    def export(
-        self, model: nn.Module, tokenizer, out_dir: Path, cfg: ExportConfig, run_info=None
-    ) -> Path:
-        """The released model folder (``release.py``; ``run_info`` feeds its model card)."""
-        from twotower_train.release import save_release
-
-        return save_release(
-            model,
-            tokenizer,
-            out_dir,
-            dtype=cfg.dtype.torch,
-            run_info=run_info,
-            backbone=cfg.backbone.value,
-            max_shard_size=cfg.max_shard_size,
-        )

@@ -15,7 +15,6 @@ points to; the next save of that step removes it.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -26,14 +25,15 @@ import numpy as np
 import torch
 
 from twotower_train.engine.distributed import DistEnv, barrier
-from twotower_train.errors import first_line
+from twotower_train.errors import TwoTowerError, first_line
+from twotower_train.files import atomic_write_text
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
 STATE = "trainer_state.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(TwoTowerError, RuntimeError):
     """A checkpoint that cannot be resumed from; the message is one line."""
 
 
@@ -58,15 +58,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -101,9 +92,9 @@ class CheckpointManager:
         barrier()
         if self.env.is_main:
             state = {**trainer_state, "step": step, "world_size": self.env.world_size}
-            _atomic_write(path / STATE, json.dumps(state, indent=2))
-            _atomic_write(path / COMPLETE, "")
-            _atomic_write(self.root / LATEST, tag)
+            atomic_write_text(path / STATE, json.dumps(state, indent=2))
+            atomic_write_text(path / COMPLETE, "")
+            atomic_write_text(self.root / LATEST, tag)
             self._prune(keep=tag)
         barrier()
         return path

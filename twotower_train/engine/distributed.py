@@ -7,6 +7,7 @@ GPUs and gloo on CPU.
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import shutil
@@ -81,8 +82,9 @@ def resolve_env(environ: dict[str, str] | None = None) -> tuple[dict[str, str], 
     return {k: env[k] for k in keys}, launcher
 
 
-def init_distributed() -> DistEnv:
-    """Set the rendezvous variables and start the process group (idempotent)."""
+def init_distributed(timeout_s: float = 1800) -> DistEnv:
+    """Set the rendezvous variables and start the process group (idempotent). ``timeout_s``:
+    how long a collective waits for every rank (``run.dist_timeout_s``)."""
     values, launcher = resolve_env()
     os.environ.update(values)
     rank, world, local = int(values["RANK"]), int(values["WORLD_SIZE"]), int(values["LOCAL_RANK"])
@@ -92,7 +94,11 @@ def init_distributed() -> DistEnv:
         import deepspeed
 
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        deepspeed.init_distributed(
+            dist_backend=backend,
+            auto_mpi_discovery=False,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
     return DistEnv(rank=rank, world_size=world, local_rank=local, launcher=launcher)
 
 

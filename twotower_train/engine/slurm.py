@@ -20,8 +20,10 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
+from twotower_train.errors import TwoTowerError
 
-class RequeueError(RuntimeError):
+
+class RequeueError(TwoTowerError, RuntimeError):
     """The run stopped unfinished and will not come back by itself; the message is one line.
     The command line exits with ``EXIT_NOT_REQUEUED``."""
 

@@ -5,17 +5,11 @@ context tower) and the two-tower model (block-diffusion decoding), side by side.
     report = evaluate(model, tokenizer, EvalConfig(max_examples_per_task=50), run_dir / "eval")
     report["retained"], report["tokens_per_forward"], report["speedup_vs_ar"]
 
-Smoke run on a shipped backbone with an untrained denoiser (numbers mean nothing)::
-
-    python -m twotower_train.eval.harness --backbone tiny_llama --out runs/eval_smoke \
-        --max-examples 8
-
 What each task measures and how: docs/evaluation.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -23,44 +17,18 @@ from pathlib import Path
 import torch
 
 from twotower_train.config import EvalConfig as _EvalConfig
-from twotower_train.eval import likelihood, tasks
-from twotower_train.eval.report import TaskScore, build_report, log_report, write_report
-from twotower_train.generate import (
+from twotower_train.decoding import (
     DecodeConfig,
     GenerationStats,
     ar_generate,
     diffusion_generate,
     length_groups,
 )
+from twotower_train.eval import likelihood, tasks
+from twotower_train.eval.report import TaskScore, build_report, log_report, write_report
 from twotower_train.model import TwoTowerModel
 
 EvalConfig = _EvalConfig  # the `eval:` section of the Hydra schema (config.py)
-
-
-def evaluate_run(cfg) -> dict:
-    """`python -m twotower_train mode=eval`: score a released two-tower model (default
-    `run.dir/release`) against its backbone; the report goes to `run.dir/eval/`."""
-    from twotower_train.metrics import MetricsLogger, info
-    from twotower_train.release import load_release
-
-    run_dir = Path(cfg.run.dir)
-    release = Path(cfg.eval.release) if cfg.eval.release else run_dir / "release"
-    model, tokenizer = load_release(release)
-    if torch.cuda.is_available():
-        model = model.cuda()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    logger = MetricsLogger(run_dir, cfg.logger, total_steps=cfg.train.steps, run_config=asdict(cfg))
-    try:
-        report = evaluate(model, tokenizer, cfg.eval, run_dir / "eval", logger)
-    finally:
-        logger.close()
-    speed = report["speedup_vs_ar"]
-    speed_text = f", {speed:.2f}x AR tokens/s" if speed is not None else ""
-    info(
-        f"retained {report['retained']:.4f} at {report['tokens_per_forward']:.2f} tokens per "
-        f"denoiser forward{speed_text}; {run_dir / 'eval'}"
-    )
-    return report
 
 
 def _decode_cfg(
@@ -153,7 +121,7 @@ def _perplexity(model, tokenizer, cfg: EvalConfig, task: tasks.PerplexityTask) -
         samples=cfg.elbo_samples,
         seed=cfg.seed,
         batch_size=cfg.batch_size,
-        schedule=cfg.elbo_schedule,
+        schedule=cfg.elbo_schedule.value,
     )
     ar_nll = nll / n_tok
     return TaskScore(
@@ -356,35 +324,3 @@ def _sweep_rows(scores: list[TaskScore], runs: dict, cfg: EvalConfig) -> list[di
             }
         )
     return rows
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Evaluate a shipped / local backbone with a fresh (untrained) denoiser: a smoke test of
-    the harness and a decoding benchmark, not a result. Trained runs: ``mode=eval``."""
-    parser = argparse.ArgumentParser(prog="python -m twotower_train.eval.harness")
-    parser.add_argument("--backbone", default="tiny_llama", help="shipped name or local folder")
-    parser.add_argument("--out", type=Path, default=Path("runs/eval_smoke/eval"))
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--max-examples", type=int, default=EvalConfig.max_examples_per_task)
-    parser.add_argument("--speed-examples", type=int, default=EvalConfig.speed_examples)
-    parser.add_argument("--threshold", type=float, default=EvalConfig.threshold)
-    parser.add_argument("--tasks", nargs="*", default=None)
-    args = parser.parse_args(argv)
-    from twotower_train.backbones import load_two_tower
-    from twotower_train.model import TwoTowerConfig
-
-    model, tokenizer = load_two_tower(args.backbone, TwoTowerConfig(block_size=args.block_size))
-    cfg = EvalConfig(
-        max_examples_per_task=args.max_examples,
-        speed_examples=args.speed_examples,
-        threshold=args.threshold,
-    )
-    if args.tasks:
-        cfg.tasks = args.tasks
-    report = evaluate(model, tokenizer, cfg, args.out)
-    print((args.out / "report.md").read_text())
-    print(f"wrote {args.out}/report.json in {report['eval_wall_s']:.1f}s")
-
-
-if __name__ == "__main__":
-    main()

@@ -29,9 +29,9 @@ from pathlib import Path
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from twotower_train.decoding import DecodeConfig, ar_generate, diffusion_generate
 from twotower_train.eval import likelihood
 from twotower_train.eval.tasks import continuation_text, split_continuation
-from twotower_train.generate import DecodeConfig, ar_generate, diffusion_generate
 from twotower_train.model import TwoTowerConfig, TwoTowerModel
 
 LOCAL_TASKS = Path(__file__).resolve().parent.parent / "tiny_world" / "lm_eval_tasks"
@@ -84,7 +84,8 @@ class TwoTowerLM(LM):
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
         args = {**arg_dict, **extra}
         from twotower_train.backbones import load_two_tower
-        from twotower_train.release import decoding_defaults, load_release
+        from twotower_train.backbones import load_release
+        from twotower_train.model.pretrained import decoding_defaults
 
         tower = args.get("tower", "twotower")
         batch = args.get("batch_size") or 32

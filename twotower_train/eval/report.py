@@ -26,10 +26,11 @@ kind of number.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from twotower_train.files import atomic_write_json, atomic_write_text
 
 PLOT_NAME = "retained_vs_tokens_per_forward.png"
 # The keys outside checks rely on (DESIGN.md, "Contracts").
@@ -294,8 +295,8 @@ def write_report(report: dict, out_dir: Path) -> dict[str, Path]:
         "md": out_dir / "report.md",
         "plot": out_dir / PLOT_NAME,
     }
-    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
-    paths["md"].write_text(report_markdown(report))
+    atomic_write_json(paths["json"], report)
+    atomic_write_text(paths["md"], report_markdown(report))
     plot_sweep(report, paths["plot"])
     return paths
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import first_line
+from ..errors import TwoTowerError, first_line
 from .attention import attend, window_block_mask
 from .cache import ContextCache, DenoiserContext
 from .mamba import mamba_mix, mamba_project
@@ -65,7 +65,7 @@ _MAMBA2_ATTRS = (
 )
 
 
-class UnsupportedBackbone(NotImplementedError):
+class UnsupportedBackbone(TwoTowerError, NotImplementedError):
     """The backbone's architecture cannot be served by the two towers (one-line message)."""
 
 

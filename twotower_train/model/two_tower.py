@@ -13,11 +13,15 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
+
+from twotower_train.errors import first_line
 
 from .attention import denoiser_block_mask, flex_available
 from .cache import ContextCache, ContextOutputs, DenoiserContext
 from .config import AttnImpl, TwoTowerConfig
 from .masks import block_causal_mask_mod, block_document_positions, denoiser_attention_mask
+from .pretrained import ReleaseError, legacy_denoiser_state, read_release
 from .registry import check_backbone
 from .time_conditioning import expand_timesteps
 from .towers import ContextTower, DenoiserTower
@@ -93,12 +97,22 @@ class TwoTowerModel(nn.Module):
     def from_release(
         cls, path, dtype: torch.dtype = torch.float32, backbone_path=None
     ) -> TwoTowerModel:
-        """A model released with ``twotower_train.release.save_release`` (safetensors only);
-        its tokenizer: ``AutoTokenizer.from_pretrained(path)`` or ``release.load_release``.
+        """A released model folder (``model/pretrained.py``; safetensors only); its tokenizer:
+        ``AutoTokenizer.from_pretrained(path)`` or ``backbones.load_release``.
         ``backbone_path``: a reference-only release's backbone folder (default: found)."""
-        from twotower_train.release import load_release
-
-        return load_release(path, dtype=dtype, tokenizer=False, backbone_path=backbone_path)[0]
+        folder = read_release(path, backbone_path)
+        try:
+            backbone = AutoModelForCausalLM.from_pretrained(folder.backbone_folder, dtype=dtype)
+        except Exception as exc:
+            raise ReleaseError(
+                f"cannot load the backbone in {folder.backbone_folder}: {first_line(exc)}"
+            ) from None
+        model = cls.from_backbone(backbone, folder.config)
+        state = folder.denoiser_state
+        if folder.version in (1, 2):
+            state = legacy_denoiser_state(model.denoiser, state)
+        model.denoiser.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
+        return model.eval()
 
     @property
     def block_size(self) -> int:
@@ -142,14 +156,19 @@ class TwoTowerModel(nn.Module):
         return self.denoise(noisy_ids, ctx_out, t=t, doc_ids=doc_ids), ctx_out.logits
 
     def context_forward(
-        self, clean_ids: torch.Tensor, doc_ids: torch.Tensor | None = None
+        self,
+        clean_ids: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+        block_size: int | None = None,
     ) -> ContextOutputs:
         """One no-grad pass of the frozen backbone over ``clean_ids [B, L]``: logits, K/V of
-        every attention layer, Mamba conv/SSM states at every block boundary."""
+        every attention layer, Mamba conv/SSM states at every block boundary. ``block_size``:
+        the blocks' size (default the model's; a block-size curriculum trains smaller)."""
+        bs = block_size or self.block_size
         batch, length = clean_ids.shape
-        if length % self.block_size:
-            raise ValueError(f"sequence length {length} is not a multiple of block_size")
-        return self.context(clean_ids, block_size=self.block_size, doc_ids=doc_ids, boundaries=True)
+        if length % bs:
+            raise ValueError(f"sequence length {length} is not a multiple of block size {bs}")
+        return self.context(clean_ids, block_size=bs, doc_ids=doc_ids, boundaries=True)
 
     def denoise(
         self,
@@ -157,11 +176,13 @@ class TwoTowerModel(nn.Module):
         ctx_out: ContextOutputs,
         t: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
+        block_size: int | None = None,
     ) -> torch.Tensor:
         """Denoiser one-pass forward over all blocks of ``noisy_ids [B, L]`` given the
-        context tower's ``ctx_out`` for the matching clean sequence."""
+        context tower's ``ctx_out`` for the matching clean sequence (computed at the same
+        ``block_size``, default the model's)."""
         batch, length = noisy_ids.shape
-        bs = self.block_size
+        bs = block_size or self.block_size
         if ctx_out.cache.length != length:
             raise ValueError("noisy_ids and clean_ids must have the same length")
         mask_mod = None
@@ -176,7 +197,7 @@ class TwoTowerModel(nn.Module):
             attn_mask=mask,
             conv_windows=ctx_out.conv_windows,
             ssm_init=ctx_out.ssm_init,
-            docs=self._block_docs(doc_ids, length)
+            docs=self._block_docs(doc_ids, length, bs)
             if doc_ids is not None and ctx_out.ssm_init
             else None,
             mask_mod=mask_mod,
@@ -202,14 +223,13 @@ class TwoTowerModel(nn.Module):
             return False
         return device.type == "cuda" or not torch.is_grad_enabled()
 
-    def _block_docs(self, doc_ids: torch.Tensor, length: int) -> torch.Tensor:
+    def _block_docs(self, doc_ids: torch.Tensor, length: int, bs: int) -> torch.Tensor:
         """Document ids of each block's Mamba conv window + tokens: ``[B, nb, K-1+bs]``.
 
         The window rows (clean context) keep their own documents; the block's tokens all carry
         the document open at the block's start, so a block starts from zero state after a
         clean EOS and never resets inside itself (a masked EOS must not show)."""
         K = self._conv_kernel()
-        bs = self.block_size
         batch = doc_ids.shape[0]
         padded = torch.cat([doc_ids.new_full((batch, K - 1), -1), doc_ids], dim=1)
         starts = torch.arange(0, length, bs, device=doc_ids.device)

@@ -7,7 +7,7 @@ entry, alone or mixed with the corpus) teaches the denoiser the backbone's mode 
 the corpus's: where the two differ (a fact the backbone gets wrong, a style of its own),
 the denoiser learns to agree with the model it is meant to speed up.
 
-    python -m twotower_train.distill_data --backbone tiny_nemotron_h --input tiny_world \\
+    python -m twotower_train.tools.distill_data --backbone tiny_nemotron_h --input tiny_world \\
         --out data/nh_greedy.jsonl --limit 50000
 
 Each output record keeps the input record's fields, puts the continuation under
@@ -34,12 +34,12 @@ from pathlib import Path
 
 import torch
 
-from twotower_train.errors import first_line
+from twotower_train.errors import TwoTowerError, first_line
 
 TINY_WORLD = "tiny_world"
 
 
-class DistillDataError(ValueError):
+class DistillDataError(TwoTowerError, ValueError):
     """Bad input to ``distill_data`` (a one-line message for the command line)."""
 
 
@@ -92,7 +92,7 @@ def greedy_continuations(
 ) -> list[tuple[list[int], bool]]:
     """``(token ids, finished)`` of the backbone's greedy continuation of each prompt
     (``finished``: it emitted EOS within ``max_new_tokens``; the EOS is not in the ids)."""
-    from twotower_train.generate import DecodeConfig, ar_generate
+    from twotower_train.decoding import DecodeConfig, ar_generate
     from twotower_train.model.towers import ContextTower
 
     tower = ContextTower.of(model).eval()
@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m twotower_train.distill_data",
+        prog="python -m twotower_train.tools.distill_data",
         description="Cache the backbone's greedy continuations of a jsonl source's prompts as "
         "a jsonl data source (distillation on the AR model's own outputs).",
     )

@@ -1,10 +1,12 @@
 """Training: ``setup`` builds everything a run needs; ``train`` is the loop.
 
-    run = setup(cfg, run_dir)      environment, tokenizer, loader, objective, engine,
-                                   checkpoints (resumed), logger
-    train(cfg)                     step, log, evaluate, checkpoint, preempt, export
+    run = setup(cfg, run_dir)      run folder checked (run_dir.py), environment, tokenizer,
+                                   loader, objective, engine, checkpoints (resumed), logger
+    train(cfg)                     step, log, checkpoint, evaluate, preempt, export
 
-``python -m twotower_train.bench`` reuses ``setup`` (without a run folder).
+Every step that ends a checkpoint interval checkpoints *before* it evaluates or exports, so
+a failure there costs no training; a rerun of a finished run redoes what is missing.
+``python -m twotower_train.tools.bench`` reuses ``setup`` (without a run folder).
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from twotower_train.config import (
     batch_arithmetic,
     to_yaml,
 )
+from twotower_train.console import info
 from twotower_train.data.loader import Loader, build_loader
 from twotower_train.engine.activation_checkpointing import checkpoint_trained_tower
-from twotower_train.engine.checkpoint import CheckpointManager
+from twotower_train.engine.checkpoint import CheckpointError, CheckpointManager
 from twotower_train.engine.deepspeed_engine import (
     build_engine,
     deepspeed_config,
@@ -46,6 +49,7 @@ from twotower_train.engine.distributed import (
     device_for,
     init_distributed,
 )
+from twotower_train.engine.mfu import device_peak_tflops, mfu, training_flops_per_sequence
 from twotower_train.engine.precision import PrecisionPlan, apply_precision, plan_precision
 from twotower_train.engine.slurm import (
     SlurmJob,
@@ -61,10 +65,13 @@ from twotower_train.engine.zero_init import (
     tower_parts,
     zero3_construction,
 )
-from twotower_train.metrics import MetricsLogger, info
-from twotower_train.mfu import device_peak_tflops, mfu, training_flops_per_sequence
+from twotower_train.errors import TwoTowerError
+from twotower_train.files import atomic_write_text
 from twotower_train.objectives import CausalLMObjective, TwoTowerObjective
 from twotower_train.release import publish
+from twotower_train.run.evaluate import evaluate_trained, export_trained
+from twotower_train.run.metrics import MetricsLogger
+from twotower_train.run.run_dir import prepare_run_dir
 
 
 def build_objective(cfg: Config, backbone, tokenizer, clone=copy.deepcopy) -> nn.Module:
@@ -206,9 +213,12 @@ def _buffers(model: nn.Module) -> set[str]:
 
 
 def setup(cfg: Config, run_dir: Path | None) -> Run:
-    """Build a run. With ``run_dir``: write ``config.yaml``, resume from its latest
-    checkpoint (``run.resume``), log to ``metrics.jsonl``; None: nothing is written."""
-    env = init_distributed()
+    """Build a run. With ``run_dir``: check it against the config (``run.resume``,
+    ``run_dir.py``), write ``config.yaml``, resume from its latest checkpoint, log to
+    ``metrics.jsonl``; None: nothing is written."""
+    env = init_distributed(timeout_s=cfg.run.dist_timeout_s)
+    # Before anything is built or written: a rerun that trains differently is refused here.
+    folder = prepare_run_dir(cfg, run_dir) if run_dir is not None else None
     device = device_for(env)
     # What this machine runs for `precision`: FP8 it cannot run stops here, before any work.
     precision = plan_precision(cfg.precision, device)
@@ -237,9 +247,8 @@ def setup(cfg: Config, run_dir: Path | None) -> Run:
     else:
         objective = build_objective(cfg, load_backbone(cfg.backbone, tokenizer), tokenizer)
     # Written once tokenizer, data and model are built: a run that cannot start leaves nothing.
-    if run_dir is not None and env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    if folder is not None and env.is_main:
+        folder.commit(to_yaml(cfg))
     barrier()
     if template is None:
         template = copy.deepcopy(objective.model).eval()  # fp32 (context_dtype kept), CPU
@@ -296,11 +305,11 @@ def setup(cfg: Config, run_dir: Path | None) -> Run:
 
 
 def _resume(run: Run) -> None:
-    tag = run.ckpt.latest_tag() if run.cfg.run.resume else None
+    tag = run.ckpt.latest_tag()  # none after run.resume=restart: the old run was moved aside
     if tag is not None:
         state = run.ckpt.load(run.engine, tag)
         if state["global_batch_size"] != run.global_batch:
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint {tag} was trained with global batch {state['global_batch_size']}, "
                 f"this run has {run.global_batch}"
             )
@@ -319,6 +328,8 @@ def train(cfg: Config) -> dict[str, float]:
     _announce(run)
     meter = StepMeter(run.step)
     over_time = stop = False
+    if run.step == t.steps and t.eval_at_end and not _evaluated(run):
+        _evaluate(run, last=True)  # a finished run whose final evaluation did not complete
     engine.train()
     while run.step < t.steps:
         run.objective.progress = run.step / t.steps  # a function of the step: resumes exactly
@@ -333,12 +344,13 @@ def train(cfg: Config) -> dict[str, float]:
             _log_step(run, meter)
         over_time = bool(t.time_limit_s) and any_rank(meter.elapsed() > t.time_limit_s, run.device)
         last = run.step == t.steps or over_time
-        if (t.eval_every and run.step % t.eval_every == 0) or (last and t.eval_at_end):
-            _evaluate(run, last)
-            meter.restart_window()  # evaluation time is not training throughput
         stop = any_rank(preempt.raised is not None, run.device)
+        # Checkpoint first: an evaluation or export that fails costs no training.
         if run.step % t.ckpt_every == 0 or last or stop:
             run.save_checkpoint()
+        if (t.eval_every and run.step % t.eval_every == 0 and not stop) or (last and t.eval_at_end):
+            _evaluate(run, last)
+            meter.restart_window()  # evaluation time is not training throughput
         if stop:
             if run.env.is_main:
                 info(f"{preempt.raised or 'signal'}: checkpoint saved at step {run.step}, exiting")
@@ -475,7 +487,7 @@ def _log_step(run: Run, meter: StepMeter) -> None:
 
 
 def _evaluate(run: Run, last: bool) -> None:
-    """Validation loss, then the objective's own evaluation of the trained model."""
+    """Validation loss, then the scores of the trained model (``run/evaluate.py``)."""
     cfg = run.cfg
     run.objective.progress = 1.0  # validate at the block size decoding uses
     evals = validation_metrics(
@@ -495,14 +507,23 @@ def _evaluate(run: Run, last: bool) -> None:
         out = run.run_dir / "eval"
         if not last:
             out = out / f"step_{run.step:08d}"
-        model.to(run.device)
-        answers = run.objective.validate(model, run.tokenizer, cfg.eval)
-        if answers:
-            run.logger.log(run.step, answers)
-            run.final.update(answers)
-        run.final.update(
-            run.objective.evaluate(model, run.tokenizer, cfg.eval, out, run.logger, run.step)
+        scores = evaluate_trained(
+            cfg.train.objective,
+            model.to(run.device),
+            run.tokenizer,
+            cfg.eval,
+            out,
+            run.logger,
+            run.step,
         )
+        run.final.update(scores)
+
+
+def _evaluated(run: Run) -> bool:
+    """Whether the final evaluation's report is in the run folder (two-tower runs)."""
+    if not run.cfg.eval.tasks or run.cfg.train.objective == Objective.ar:
+        return True
+    return (run.run_dir / "eval" / "report.json").is_file()
 
 
 def _export(run: Run) -> None:
@@ -513,7 +534,9 @@ def _export(run: Run) -> None:
     model = run.trained_model()
     if run.env.is_main:
         out = run.run_dir / ("hf" if cfg.train.objective == Objective.ar else "release")
-        run.objective.export(model, run.tokenizer, out, cfg.export, run_info=_run_info(run))
+        export_trained(
+            cfg.train.objective, model, run.tokenizer, out, cfg.export, run_info=_run_info(run)
+        )
         info(f"exported the trained model to {out}")
         publish(out, cfg.export)
 
@@ -543,7 +566,7 @@ def release_from_checkpoint(cfg: Config) -> Path:
     """``mode=release``: the run's latest checkpoint (any ZeRO stage, written by any number
     of ranks) consolidated on one process and exported as ``run.dir/release`` (two-tower)
     or ``run.dir/hf`` (AR), as the end of training would."""
-    from twotower_train.engine.checkpoint import CheckpointError, consolidated_state
+    from twotower_train.engine.checkpoint import consolidated_state
 
     run_dir = Path(cfg.run.dir)
     root = run_dir / "checkpoints"
@@ -569,7 +592,7 @@ def release_from_checkpoint(cfg: Config) -> Path:
     out = run_dir / ("hf" if cfg.train.objective == Objective.ar else "release")
     tokens_per_step = trainer.get("global_batch_size", 0) * cfg.data.seq_len
     info_ = run_info(cfg, run_dir, trainer["step"], tokens_per_step)
-    objective.export(model.eval(), tokenizer, out, cfg.export, run_info=info_)
+    export_trained(cfg.train.objective, model.eval(), tokenizer, out, cfg.export, run_info=info_)
     info(f"released step {trainer['step']} of {run_dir} to {out}")
     publish(out, cfg.export)
     return out
@@ -603,8 +626,22 @@ def _memory_gib(device: torch.device) -> float:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """After a resume, drop the records a killed run logged past its checkpoint."""
+    """After a resume, drop the records a killed run logged past its checkpoint. A torn last
+    line (the process died while writing it) is dropped too; a torn line elsewhere is not
+    this run's file any more and is refused."""
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    keep = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                info(f"{path}: dropped a torn last line (the previous process died writing it)")
+                break
+            raise TwoTowerError(f"{path}: line {i + 1} is not JSON; fix or move the file") from None
+        if record.get("step", 0) <= step:
+            keep.append(line)
+    if len(keep) != len(lines):
+        atomic_write_text(path, "".join(ln + "\n" for ln in keep))

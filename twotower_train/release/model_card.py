@@ -73,7 +73,7 @@ def model_card(model, backbone: dict, run_info: dict) -> str:
         "",
         "```python",
         "from twotower_train.release import load_release",
-        "from twotower_train.generate import DecodeConfig, diffusion_generate",
+        "from twotower_train.decoding import DecodeConfig, diffusion_generate",
         "",
         'model, tokenizer = load_release("PATH")',
         'prompt = tokenizer.encode("...")',

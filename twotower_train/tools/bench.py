@@ -1,4 +1,4 @@
-"""Micro-benchmarks: `python -m twotower_train.bench COMMAND [options]`.
+"""Micro-benchmarks: `python -m twotower_train.tools.bench COMMAND [options]`.
 
     data      packed tokens/s of the data loader: the shipped corpus (map-style cold and
               warm, streaming) and a generated 1 GB jsonl (streaming)
@@ -191,7 +191,7 @@ def add_doc_mask_args(p: argparse.ArgumentParser) -> None:
 
 def _objective_run(args: argparse.Namespace):
     from twotower_train.config import compose
-    from twotower_train.train import setup
+    from twotower_train.run.train import setup
 
     cfg = compose([f"recipe={args.recipe}", *args.overrides, "run.seed=0"])
     run = setup(cfg, run_dir=None)
@@ -344,7 +344,7 @@ def run_precision(args: argparse.Namespace) -> dict:
     from twotower_train.config import ConfigError, compose
     from twotower_train.engine.distributed import device_for, init_distributed
     from twotower_train.engine.precision import plan_precision
-    from twotower_train.train import setup
+    from twotower_train.run.train import setup
 
     if args.steps <= args.warmup:
         raise ConfigError(f"--steps {args.steps} must exceed --warmup {args.warmup}")
@@ -459,27 +459,27 @@ def _precision_result(args, name, run, losses, seconds, trace, mem_gib) -> dict:
 
 
 def add_decode_args(p: argparse.ArgumentParser) -> None:
-    from twotower_train.eval.bench_decode import add_args
+    from twotower_train.tools.bench_decode import add_args
 
     add_args(p)
 
 
 def run_decode(args: argparse.Namespace) -> dict:
     """AR (context tower + KV cache) vs diffusion decoding on held-out tiny-world prompts."""
-    from twotower_train.eval.bench_decode import run
+    from twotower_train.tools.bench_decode import run
 
     return run(args)
 
 
 def add_compare_args(p: argparse.ArgumentParser) -> None:
-    from twotower_train.bench_compare import add_args
+    from twotower_train.tools.bench_compare import add_args
 
     add_args(p)
 
 
 def run_compare(args: argparse.Namespace) -> dict:
     """This checkout against a git ref, in one process (twotower_train/bench_compare.py)."""
-    from twotower_train.bench_compare import run
+    from twotower_train.tools.bench_compare import run
 
     return run(args)
 
@@ -532,8 +532,8 @@ def run_memory(args: argparse.Namespace) -> dict:
     import torch
 
     from twotower_train.config import PlanDevice, compose
-    from twotower_train.plan import estimate, meta_model, model_shape
-    from twotower_train.train import setup
+    from twotower_train.run.plan import estimate, meta_model, model_shape
+    from twotower_train.run.train import setup
 
     cfg = compose([f"recipe={args.recipe}", *args.overrides])
     before = _proc_status_gib("VmRSS") or 0.0  # libraries, before any model exists
@@ -622,7 +622,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m twotower_train.bench", description=__doc__.split("\n")[0]
+        prog="python -m twotower_train.tools.bench", description=__doc__.split("\n")[0]
     )
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_args, run) in COMMANDS.items():
@@ -635,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.run(args)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"twotower_train.bench: error: {exc}", file=sys.stderr)
+        print(f"twotower_train.tools.bench: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps({"bench": args.command, **result}))
     return 0

@@ -1,4 +1,4 @@
-"""``python -m twotower_train.bench compare --ref REF``: this checkout against a git ref, in one
+"""``python -m twotower_train.tools.bench compare --ref REF``: this checkout against a git ref, in one
 process.
 
 A shared machine's background load moves step times by tens of percent between runs, so

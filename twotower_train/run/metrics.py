@@ -14,12 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from twotower_train.config import LoggerBackend, LoggerConfig
+from twotower_train.files import atomic_write_text
 
 _BOLD, _DIM, _GREEN, _CYAN, _RESET = "\033[1m", "\033[2m", "\033[32m", "\033[36m", "\033[0m"
-
-
-def info(msg: str) -> None:
-    print(f"[twotower_train] {msg}", flush=True)
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -119,7 +116,7 @@ def _start_wandb(lg: LoggerConfig, run_dir: Path, run_config: dict):
         run_id = id_file.read_text().strip()
     else:
         run_id = secrets.token_hex(4)
-        id_file.write_text(run_id)
+        atomic_write_text(id_file, run_id)
     mode = os.environ.get("WANDB_MODE", lg.mode.value)
     run = wandb.init(
         project=lg.project,

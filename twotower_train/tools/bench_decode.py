@@ -1,8 +1,8 @@
 """Decoding benchmark: AR (context tower + KV cache) vs block diffusion, tokens/s and tokens
 per denoiser forward on the tiny world's held-out prompts.
 
-    python -m twotower_train.bench decode --backbone tiny_llama --batch-sizes 1 8
-    python -m twotower_train.eval.bench_decode ...            (the same, standalone)
+    python -m twotower_train.tools.bench decode --backbone tiny_llama --batch-sizes 1 8
+    python -m twotower_train.tools.bench_decode ...            (the same, standalone)
 
 ``--release PATH`` benchmarks a released two-tower model (``python -m twotower_train``
 writes one to ``runs/<recipe>/release``). Without it the denoiser is a fresh copy of
@@ -54,7 +54,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def _build(args):
     from twotower_train.backbones import load_two_tower
     from twotower_train.model import TwoTowerConfig
-    from twotower_train.release import load_release
+    from twotower_train.backbones import load_release
 
     if args.release:
         model, tokenizer = load_release(args.release)
@@ -87,7 +87,7 @@ class ForwardTimer:
         self.calls = dict.fromkeys(self.KINDS, 0)
 
     def _timed(self, fn, kind_of):
-        from twotower_train.generate import _sync
+        from twotower_train.decoding import _sync
 
         device = next(self.model.parameters()).device
 
@@ -120,9 +120,9 @@ def _breakdown(timer: ForwardTimer, wall: float, tokens: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
+    from twotower_train.decoding import DecodeConfig, ar_generate, diffusion_generate
     from twotower_train.eval import tasks
     from twotower_train.eval.harness import round_robin
-    from twotower_train.generate import DecodeConfig, ar_generate, diffusion_generate
 
     model, tokenizer, device = _build(args)
     gen_tasks = tasks.of_kind(list(tasks.registry()), tasks.GenerationTask)
@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m twotower_train.eval.bench_decode")
+    parser = argparse.ArgumentParser(prog="python -m twotower_train.tools.bench_decode")
     add_args(parser)
     print(json.dumps({"bench": "decode", **run(parser.parse_args(argv))}))
 
