@@ -21,7 +21,7 @@ from twotower_train.eval.report import (
 )
 from twotower_train.model import TwoTowerModel
 from twotower_train.tiny_world import TASKS, load_test_tasks, load_tokenizer
-from twotower_train.tiny_world import tasks as tiny_tasks
+from twotower_train.eval import tiny_world_tasks as tiny_tasks
 
 MASK, BS = 2, 4
 

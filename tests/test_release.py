@@ -474,7 +474,7 @@ def test_lm_eval_command_line_on_a_release(release, tmp_path: Path, tower) -> No
     import subprocess
 
     path, _ = release
-    tasks_dir = REPO / "twotower_train" / "tiny_world" / "lm_eval_tasks"
+    tasks_dir = REPO / "twotower_train" / "eval" / "lm_eval_tasks"
     cmd = [
         sys.executable,
         "-m",

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from twotower_train.config import EvalConfig as _EvalConfig
+from twotower_train.console import progress, progress_bar
 from twotower_train.decoding import (
     DecodeConfig,
     GenerationStats,
@@ -97,16 +98,22 @@ def answer_block_metrics(
 def _generation(model, tokenizer, cfg: EvalConfig, gen_tasks: list[tasks.GenerationTask]):
     """Exact match per task for both towers, the threshold sweep, and the prompts used."""
     examples = tasks.generation_examples(gen_tasks, cfg.max_examples_per_task)
-    backbone, _, prompt_ids = tasks.generation_scores(
-        ar_generate, model, tokenizer, examples, _decode_cfg(cfg, cfg.threshold, cfg.batch_size)
-    )
+    thresholds = list(dict.fromkeys([cfg.threshold, *cfg.threshold_sweep]))
+    desc = f"generation, {len(examples)} prompts: backbone, then {len(thresholds)} threshold(s)"
     runs: dict[float, tuple[dict[str, float], GenerationStats]] = {}
-    for th in [cfg.threshold, *cfg.threshold_sweep]:
-        if th not in runs:
+    # One step per whole decoding pass: a pass is not split, so its batches (and with them
+    # its tokens) are those of a run without a bar.
+    with progress_bar(desc, total=len(thresholds) + 1) as bar:
+        backbone, _, prompt_ids = tasks.generation_scores(
+            ar_generate, model, tokenizer, examples, _decode_cfg(cfg, cfg.threshold, cfg.batch_size)
+        )
+        bar.update()
+        for th in thresholds:
             scores, stats, _ = tasks.generation_scores(
                 diffusion_generate, model, tokenizer, examples, _decode_cfg(cfg, th, cfg.batch_size)
             )
             runs[th] = (scores, stats)
+            bar.update()
     return backbone, runs, examples, prompt_ids
 
 
@@ -114,15 +121,25 @@ def _perplexity(model, tokenizer, cfg: EvalConfig, task: tasks.PerplexityTask) -
     bs = model.block_size
     seq_len = -(-cfg.perplexity_seq_len // bs) * bs
     rows = task.rows(tokenizer, seq_len, cfg.max_examples_per_task)
-    nll, n_tok = likelihood.ar_nll(model, rows, cfg.batch_size)
-    bound, per_sample = likelihood.diffusion_elbo(
-        model,
-        rows,
-        samples=cfg.elbo_samples,
-        seed=cfg.seed,
-        batch_size=cfg.batch_size,
-        schedule=cfg.elbo_schedule.value,
-    )
+    desc = f"{task.name}, {len(rows)} rows: backbone NLL, then {cfg.elbo_samples} ELBO draw(s)"
+    per_sample: list[float] = []
+    with progress_bar(desc, total=cfg.elbo_samples + 1) as bar:
+        nll, n_tok = likelihood.ar_nll(model, rows, cfg.batch_size)
+        bar.update()
+        # Draw s depends on seed + s alone: one draw per call gives the values one call for
+        # all of them would, and the mean below sums them in the same order.
+        for s in range(cfg.elbo_samples):
+            _, (draw,) = likelihood.diffusion_elbo(
+                model,
+                rows,
+                samples=1,
+                seed=cfg.seed + s,
+                batch_size=cfg.batch_size,
+                schedule=cfg.elbo_schedule.value,
+            )
+            per_sample.append(draw)
+            bar.update()
+    bound = sum(per_sample) / len(per_sample)
     ar_nll = nll / n_tok
     return TaskScore(
         task.name,
@@ -148,10 +165,13 @@ def _multiple_choice(model, tokenizer, cfg: EvalConfig, task: tasks.ChoiceTask) 
         for choice in item["choices"]
     ]
     accs = {}
-    for tower, fn in (
+    towers = (
         ("backbone", likelihood.ar_loglikelihood),
         ("twotower", likelihood.denoiser_loglikelihood),
-    ):
+    )
+    # One step per tower: splitting the requests would change how they are batched.
+    desc = f"{task.name}, {len(requests)} choices: backbone, then two-tower"
+    for tower, fn in progress(towers, desc, total=len(towers)):
         scores = iter(fn(model, requests, cfg.batch_size))
         correct = 0
         for item in items:
@@ -175,7 +195,8 @@ def _speed(
     ar_generate(model, prompts[:1], dcfg, eos)
     diffusion_generate(model, prompts[:1], vcfg, eos)
     ar_stats, dif_stats = [], []
-    for p in prompts:
+    desc = f"speed{' (verified)' if verify else ''}, batch 1: AR and diffusion per prompt"
+    for p in progress(prompts, desc, total=len(prompts)):
         ar_stats.append(ar_generate(model, [p], dcfg, eos)[1])
         dif_stats.append(diffusion_generate(model, [p], vcfg, eos)[1])
     return {
@@ -197,13 +218,15 @@ def _verified(model, tokenizer, cfg: EvalConfig, examples, backbone, prompt_ids)
     construction), tokens per step, accepted tokens, and batch-1 speed vs AR."""
     from twotower_train.eval.report import TaskScore, retained_ratios
 
-    scores, stats, _ = tasks.generation_scores(
-        diffusion_generate,
-        model,
-        tokenizer,
-        examples,
-        _decode_cfg(cfg, _verify_threshold(cfg), cfg.batch_size, verify=True),
-    )
+    with progress_bar(f"verified decoding, {len(examples)} prompts", total=1) as bar:
+        scores, stats, _ = tasks.generation_scores(
+            diffusion_generate,
+            model,
+            tokenizer,
+            examples,
+            _decode_cfg(cfg, _verify_threshold(cfg), cfg.batch_size, verify=True),
+        )
+        bar.update()
     retained, _ = retained_ratios([TaskScore(t, "em", backbone[t], scores[t]) for t in scores])
     speed = _speed(model, prompt_ids, cfg, tokenizer.eos_token_id, verify=True)
     speedup = None

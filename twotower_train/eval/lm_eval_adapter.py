@@ -18,7 +18,7 @@ against either, so both numbers come from the same prompts and metrics::
 From the command line (registered as ``twotower`` once this module is imported)::
 
     python -m twotower_train.eval.lm_eval_adapter --model_args backbone=tiny_llama,tower=twotower \
-        --tasks tiny_world_mc --include_path twotower_train/tiny_world/lm_eval_tasks
+        --tasks tiny_world_mc --include_path twotower_train/eval/lm_eval_tasks
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from twotower_train.eval import likelihood
 from twotower_train.eval.tasks import continuation_text, split_continuation
 from twotower_train.model import TwoTowerConfig, TwoTowerModel
 
-LOCAL_TASKS = Path(__file__).resolve().parent.parent / "tiny_world" / "lm_eval_tasks"
+LOCAL_TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
 TOWERS = ("backbone", "twotower")
 
 
@@ -72,20 +72,26 @@ class TwoTowerLM(LM):
         ``release=PATH`` (``TwoTowerModel.from_release``; ``backbone_path=DIR`` for a
         reference-only release whose backbone is elsewhere; decoding defaults from the
         release); ``tower``, ``block_size``, ``threshold``, ``steps_per_block``,
-        ``batch_size``."""
+        ``batch_size``; ``device`` (cpu, cuda, cuda:N, mps; default: cuda when available,
+        else cpu) and ``dtype`` (fp32, the default, or bf16) of the weights."""
         from lm_eval.utils import simple_parse_args_string
 
         return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
-        """``--model_args`` as a dict (see ``create_from_arg_string``); lm-eval's extra
-        ``device`` / ``max_batch_size`` are ignored (the model stays where it is built)."""
+        """``--model_args`` as a dict (see ``create_from_arg_string``). lm-eval's own settings
+        (``--device``, ``--batch_size``) win over the model args, as for its HF model;
+        ``max_batch_size`` is ignored."""
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
         args = {**arg_dict, **extra}
-        from twotower_train.backbones import load_two_tower
-        from twotower_train.backbones import load_release
+        from twotower_train.backbones import load_release, load_two_tower
+        from twotower_train.devices import resolve_device, resolve_dtype
         from twotower_train.model.pretrained import decoding_defaults
+
+        # checked before any weights load: a bad value is one line, not a half-built model
+        device = resolve_device(str(args["device"]) if args.get("device") else None)
+        dtype = resolve_dtype(str(args.get("dtype", "fp32")))
 
         tower = args.get("tower", "twotower")
         batch = args.get("batch_size") or 32
@@ -98,11 +104,13 @@ class TwoTowerLM(LM):
         )
         if "release" in args:
             model, tokenizer = load_release(
-                args["release"], backbone_path=args.get("backbone_path")
+                args["release"], dtype=dtype, backbone_path=args.get("backbone_path")
             )
         else:
             config = TwoTowerConfig(block_size=int(args.get("block_size", 16)))
             model, tokenizer = load_two_tower(args.get("backbone", "tiny_llama"), config)
+            model = model.to(dtype=dtype)
+        model = model.to(device)
         return cls(model, tokenizer, tower=tower, decode=decode, batch_size=int(batch))
 
     # -- scoring ---------------------------------------------------------------------------
@@ -161,14 +169,21 @@ class TwoTowerLM(LM):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``lm_eval`` with this adapter registered: ``--model twotower`` is implied."""
+    """``lm_eval`` with this adapter registered: ``--model twotower`` is implied. A bad model
+    arg (this project's errors) ends as one line and exit status 2."""
     from lm_eval.__main__ import cli_evaluate
+
+    from twotower_train.errors import TwoTowerError, first_line
 
     args = list(sys.argv[1:] if argv is None else argv)
     if "--model" not in args:
         args = ["--model", "twotower", *args]
     sys.argv = ["lm_eval", *args]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except TwoTowerError as exc:
+        print(f"twotower_train.eval.lm_eval_adapter: error: {first_line(exc)}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

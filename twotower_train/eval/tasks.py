@@ -10,7 +10,7 @@ A task is one of three kinds:
 * ``ChoiceTask(name, items)``: ``items(limit)`` -> ``[{"prompt", "choices", "label"}, ...]``,
   scored by the log-likelihood of each choice.
 
-``register(task)`` adds one; the tiny world's tasks (``twotower_train/tiny_world/tasks.py``)
+``register(task)`` adds one; the tiny world's tasks (``twotower_train/eval/tiny_world_tasks.py``)
 are registered on first use.
 """
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-BUILTIN_TASK_MODULES = ("twotower_train.tiny_world.tasks",)
+BUILTIN_TASK_MODULES = ("twotower_train.eval.tiny_world_tasks",)
 
 
 @dataclass(frozen=True)

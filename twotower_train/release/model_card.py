@@ -148,12 +148,19 @@ def _training(run: dict, run_info: dict) -> list[str]:
     return lines
 
 
+def _number(value, spec: str) -> str:
+    """``value`` formatted, or ``n/a`` where the report has none (e.g. a retained ratio of
+    a backbone that scored zero)."""
+    return "n/a" if value is None else format(value, spec)
+
+
 def _results(report: dict | None, run_info: dict) -> list[str]:
     if not report:
         return ["Not evaluated in this run (`python -m twotower_train mode=eval ...` scores it)."]
     lines = [
         f"Retained performance of the backbone (two-tower / AR, ratio of averages): "
-        f"**{report.get('retained', 0):.3f}** at {report.get('tokens_per_forward', 0):.2f} "
+        f"**{_number(report.get('retained'), '.3f')}** at "
+        f"{_number(report.get('tokens_per_forward'), '.2f')} "
         f"tokens per denoiser forward (threshold {report.get('threshold')}, order "
         f"{report.get('order')})"
         + (

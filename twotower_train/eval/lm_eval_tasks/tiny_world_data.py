@@ -8,10 +8,10 @@ from __future__ import annotations
 
 
 def multiple_choice(**_) -> dict:
-    """``tiny_world_mc``: the same items the built-in harness scores (``tiny_world/tasks.py``)."""
+    """``tiny_world_mc``: the same items the built-in harness scores (``eval/tiny_world_tasks.py``)."""
     from datasets import Dataset, DatasetDict
 
-    from twotower_train.tiny_world.tasks import mc_examples
+    from twotower_train.eval.tiny_world_tasks import mc_examples
 
     return DatasetDict({"test": Dataset.from_list(mc_examples())})
 
