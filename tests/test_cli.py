@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -18,10 +19,65 @@ def test_help_lists_groups_options_and_recipes() -> None:
     assert "recipe" not in [line.split(":")[0].strip() for line in out.splitlines()]
 
 
-def test_info() -> None:
+def test_info_prints_the_search_paths(tmp_path: Path) -> None:
+    from twotower_train.config import CONF_DIR, RECIPES_DIR
+
     proc = run_cli(["--info"])
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("twotower_train ") and "config dir:" in proc.stdout
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("twotower_train ") and lines[0].endswith(str(CONF_DIR.parent))
+    assert f"  {CONF_DIR}  [shipped]" in lines and f"  {RECIPES_DIR}  [shipped]" in lines
+    mine, gone = tmp_path / "recipes", tmp_path / "gone"
+    mine.mkdir()
+    proc = run_cli(
+        ["--info"], TWOTOWER_RECIPE_PATH=f"{mine}{os.pathsep}{gone}", TWOTOWER_CONFIG_PATH=""
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    at = lines.index(f"  {mine}  [TWOTOWER_RECIPE_PATH]")
+    assert lines[at + 1 : at + 3] == [
+        f"  {gone} (not a folder)  [TWOTOWER_RECIPE_PATH]",
+        f"  {RECIPES_DIR}  [shipped]",
+    ]
+
+
+def test_help_lists_the_users_recipes_and_options(tmp_path: Path) -> None:
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "mine.yaml").write_text("# @package _global_\n# My recipe.\n")
+    (tmp_path / "conf" / "backbone").mkdir(parents=True)
+    (tmp_path / "conf" / "backbone" / "my_model.yaml").write_text("# @package backbone\n")
+    env = {
+        "TWOTOWER_RECIPE_PATH": str(tmp_path / "recipes"),
+        "TWOTOWER_CONFIG_PATH": str(tmp_path / "conf"),
+    }
+    proc = run_cli(["--help"], **env)
+    assert proc.returncode == 0, proc.stderr
+    assert "  backbone: my_model, tiny_llama, tiny_nemotron_h" in proc.stdout.splitlines()
+    mine = next(ln for ln in proc.stdout.splitlines() if ln.startswith("  mine "))
+    assert mine.split()[1:] == ["My", "recipe.", f"({tmp_path / 'recipes' / 'mine.yaml'})"]
+    missing = run_cli(["--help"], TWOTOWER_CONFIG_PATH=str(tmp_path / "nope"))
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
+        f"twotower_train: error: TWOTOWER_CONFIG_PATH: {tmp_path / 'nope'} is not a folder"
+    ]
+
+
+def test_recipe_path_from_the_command_line(tmp_path: Path) -> None:
+    from twotower_train.config import RECIPES_DIR
+
+    (tmp_path / "mine.yaml").write_text((RECIPES_DIR / "tiny_full.yaml").read_text())
+    proc = run_cli(["--cfg", "job", f"recipe={tmp_path / 'mine.yaml'}"])
+    assert proc.returncode == 0, proc.stderr
+    cfg = yaml.safe_load(proc.stdout)
+    assert (cfg["recipe"], cfg["run"]["dir"], cfg["train"]["steps"]) == ("mine", "runs/mine", 3000)
+    for value, message in [
+        ("nope", "unknown recipe 'nope' (known: llama_3_2_1b, "),
+        (str(tmp_path / "gone.yaml"), f"recipe file not found: {tmp_path / 'gone.yaml'}"),
+    ]:
+        proc = run_cli([f"recipe={value}", f"run.dir={tmp_path / 'run'}"])
+        assert proc.returncode == 2
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], lines
+        assert not (tmp_path / "run").exists()
 
 
 def test_cfg_job_prints_the_composed_validated_config() -> None:

@@ -13,10 +13,10 @@
   ``run.dir`` = ``<sweep dir>/<job number>``. The sweep dir is ``run.dir`` if given, else
   ``sweeps/<recipe>_<time>``; it gets ``multirun.yaml`` (the jobs, their overrides and
   exit status). Exit status: 0 when every job succeeded.
-  ``hydra/launcher=slurm`` (conf/hydra/launcher/slurm.yaml, or hydra-submitit-launcher's
-  own ``submitit_slurm``) submits the jobs to Slurm through submitit instead, as one job
-  array, and returns; each job runs the command line in its tasks, checkpoints and requeues
-  itself on the time-limit warning (docs/slurm.md).
+  ``hydra/launcher=slurm`` (twotower_train/conf/hydra/launcher/slurm.yaml, or
+  hydra-submitit-launcher's own ``submitit_slurm``) submits the jobs to Slurm through
+  submitit instead, as one job array, and returns; each job runs the command line in its
+  tasks, checkpoints and requeues itself on the time-limit warning (docs/slurm.md).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from twotower_train.errors import TwoTowerError, first_line
 from twotower_train.files import atomic_write_text
 
 SKIP_GROUPS = ("recipe", "hydra")  # recipes are listed apart; hydra/launcher below
-USAGE = "usage: python -m twotower_train [--help] [--info] [--cfg job|all [--resolve]] [-m] [recipe=NAME] [key=value ...]"
+USAGE = "usage: python -m twotower_train [--help] [--info] [--cfg job|all [--resolve]] [-m] [recipe=NAME|PATH.yaml] [key=value ...]"
 
 
 class UsageError(TwoTowerError, ValueError):
@@ -150,28 +150,38 @@ def run_mode(cfg) -> None:
 
 
 def help_text() -> str:
-    from twotower_train.config import CONF_DIR, DEFAULT_RECIPE, RECIPES_DIR
+    from twotower_train.config import DEFAULT_RECIPE, RECIPES_DIR, config_dirs, known_recipes
 
     lines = [
         USAGE,
         "",
         (__doc__ or "").split("\n\n", 1)[1].strip(),
         "",
-        "Config groups (group=option):",
+        "Config groups (group=option; TWOTOWER_CONFIG_PATH adds folders of GROUP/OPTION.yaml):",
     ]
-    groups = sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in SKIP_GROUPS)
-    for group in groups:
-        options = sorted(f.stem for f in group.glob("*.yaml"))
-        lines.append(f"  {group.name}: {', '.join(options)}")
-    launchers = sorted(f.stem for f in (CONF_DIR / "hydra" / "launcher").glob("*.yaml"))
+    folders = config_dirs()
+    options: dict[str, set[str]] = {}
+    for folder in folders:
+        for group in folder.iterdir():
+            if group.is_dir() and group.name not in SKIP_GROUPS:
+                options.setdefault(group.name, set()).update(f.stem for f in group.glob("*.yaml"))
+    for group in sorted(options):
+        lines.append(f"  {group}: {', '.join(sorted(options[group]))}")
+    launchers = sorted({f.stem for d in folders for f in (d / "hydra" / "launcher").glob("*.yaml")})
     lines.append(f"  hydra/launcher (with -m): basic, {', '.join(launchers)}")
-    lines += ["", f"Recipes (recipe=NAME; default {DEFAULT_RECIPE}):"]
-    for path in sorted(RECIPES_DIR.glob("*.yaml")):
-        lines.append(f"  {path.stem:<28s} {_first_comment(path)}")
+    lines += [
+        "",
+        f"Recipes (recipe=NAME, or recipe=PATH.yaml; default {DEFAULT_RECIPE}; "
+        "TWOTOWER_RECIPE_PATH adds folders of NAME.yaml):",
+    ]
+    for name, path in known_recipes().items():
+        where = "" if path.parent == RECIPES_DIR else f" ({path})"
+        lines.append(f"  {name:<28s} {_first_comment(path)}{where}")
     lines += [
         "",
         "Any key can be overridden (key=value); every key is declared in twotower_train/config.py.",
-        "Print a composed config: --cfg job [--resolve].  Docs: docs/training.md.",
+        "Print a composed config: --cfg job [--resolve].  Where configs come from: --info.",
+        "Docs: docs/training.md.",
     ]
     return "\n".join(lines)
 
@@ -190,14 +200,32 @@ def info_text() -> str:
     import torch
     import transformers
 
+    from twotower_train import __file__ as package_file
     from twotower_train import __version__
-    from twotower_train.config import CONF_DIR, DEFAULT_RECIPE, RECIPES_DIR
+    from twotower_train.config import (
+        CONF_DIR,
+        CONFIG_PATH_ENV,
+        DEFAULT_RECIPE,
+        RECIPE_PATH_ENV,
+        RECIPES_DIR,
+        env_folders,
+    )
+
+    def search_path(var: str, shipped: Path) -> list[str]:
+        # every folder listed, a missing one marked (composing refuses it)
+        rows = [
+            f"  {d}{'' if d.is_dir() else ' (not a folder)'}  [{var}]" for d in env_folders(var)
+        ]
+        return [*rows, f"  {shipped}  [shipped]"]
 
     return "\n".join(
         [
-            f"twotower_train {__version__}",
-            f"config dir:  {CONF_DIR} (conf/config.yaml + groups)",
-            f"recipes dir: {RECIPES_DIR} (default recipe: {DEFAULT_RECIPE})",
+            f"twotower_train {__version__} at {Path(package_file).parent}",
+            "config search path (Hydra config groups; first match wins):",
+            *search_path(CONFIG_PATH_ENV, CONF_DIR),
+            f"recipe search path (recipe=NAME looks for NAME.yaml; first match wins; "
+            f"default recipe: {DEFAULT_RECIPE}):",
+            *search_path(RECIPE_PATH_ENV, RECIPES_DIR),
             f"hydra {hydra.__version__}, omegaconf {omegaconf.__version__}, "
             f"torch {torch.__version__}, transformers {transformers.__version__}",
             f"python {sys.version.split()[0]} at {sys.executable}",

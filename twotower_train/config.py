@@ -2,13 +2,21 @@
 
 Every key a run can take is declared here as a dataclass field. Hydra composes
 `conf/config.yaml`, the config groups under `conf/` and the recipe picked by
-`recipe=NAME` (`recipes/NAME.yaml`); the result is merged into this schema, so
-an unknown key or a badly typed value is refused before any work starts.
+`recipe=NAME` (`recipes/NAME.yaml`) or `recipe=PATH.yaml`; the result is merged into this
+schema, so an unknown key or a badly typed value is refused before any work starts.
+
+`conf/` and `recipes/` ship inside the package. Two environment variables extend them
+(os.pathsep-separated folders, searched before the shipped ones):
+
+* ``TWOTOWER_RECIPE_PATH``: folders of recipes, ``NAME.yaml`` each;
+* ``TWOTOWER_CONFIG_PATH``: Hydra config folders, ``GROUP/OPTION.yaml`` each (e.g.
+  ``backbone/mine.yaml``, picked with ``backbone=mine``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -21,10 +29,13 @@ from omegaconf import DictConfig, OmegaConf
 from twotower_train.errors import TwoTowerError, first_line
 from twotower_train.model.config import DType, TwoTowerConfig
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO_ROOT / "conf"
-RECIPES_DIR = REPO_ROOT / "recipes"
+PACKAGE_DIR = Path(__file__).resolve().parent
+CONF_DIR = PACKAGE_DIR / "conf"  # shipped Hydra config groups (package data)
+RECIPES_DIR = PACKAGE_DIR / "recipes"  # shipped recipes (package data)
 DEFAULT_RECIPE = "tiny"
+RECIPE_PATH_ENV = "TWOTOWER_RECIPE_PATH"
+CONFIG_PATH_ENV = "TWOTOWER_CONFIG_PATH"
+RECIPE_SUFFIXES = (".yaml", ".yml")
 
 
 class ConfigError(TwoTowerError, ValueError):
@@ -437,6 +448,20 @@ class EvalConfig:
     verify_threshold: float | None = 0.5
     # mode=eval: the release folder to score (null = run.dir/release).
     release: str | None = None
+    # mode=eval: where the release is scored (null = cuda when available, else cpu; or a torch
+    # device: cpu, cuda, cuda:1, mps) and the precision its weights load in. Evaluation at the
+    # end of training scores the trained model where and as it trained.
+    device: str | None = None
+    dtype: DType = DType.fp32
+
+    def __post_init__(self) -> None:
+        from twotower_train.devices import parse_device
+
+        self.dtype = DType(self.dtype)
+        try:
+            parse_device(self.device)  # the spelling now; whether the machine has it: at use
+        except ValueError as exc:
+            raise ConfigError(f"eval.{exc}") from None
 
 
 class ReleaseBackbone(str, Enum):
@@ -496,8 +521,20 @@ def _one_line(exc: BaseException) -> str:
     return head
 
 
+def _register_asset_resolver() -> None:
+    """``${asset:NAME}``: the folder of a fetched asset (``twotower_train/assets.py``)."""
+    from twotower_train.assets import asset_resolver
+
+    if not OmegaConf.has_resolver("asset"):
+        OmegaConf.register_new_resolver("asset", asset_resolver)
+
+
+_register_asset_resolver()
+
+
 def compose(overrides: list[str]) -> Config:
-    """Compose `conf/` + recipe + command-line overrides into a validated Config."""
+    """Compose `conf/` + recipe + command-line overrides into a validated Config (the
+    search paths: module docstring)."""
     raw, recipe = _compose_raw(overrides)
     return validate(raw, recipe)
 
@@ -512,28 +549,46 @@ def _compose_raw(overrides: list[str], return_hydra_config: bool = False):
     """Hydra's composition of `conf/config.yaml` + the recipe + ``overrides`` (not yet
     validated) and the recipe's name; Hydra's errors become one-line ``ConfigError``s."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import version
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
     from hydra.core.config_store import ConfigStore
     from hydra.core.global_hydra import GlobalHydra
 
-    recipe = DEFAULT_RECIPE
+    value = DEFAULT_RECIPE
     for ov in overrides:
         if ov.startswith("recipe="):
-            recipe = ov.split("=", 1)[1]
-    if not (RECIPES_DIR / f"{recipe}.yaml").is_file():
-        known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
-        raise ConfigError(f"unknown recipe '{recipe}' (no recipes/{recipe}.yaml; known: {known})")
-    if not any(ov.startswith("recipe=") for ov in overrides):
-        overrides = [f"recipe={recipe}", *overrides]
-    ConfigStore.instance().store(name="schema", node=Config)
+            value = ov.split("=", 1)[1]
+    recipe, path = resolve_recipe(value)
+    overrides = [f"recipe={recipe}", *(ov for ov in overrides if not ov.startswith("recipe="))]
+    # Recipes live in folders of their own, not under a config folder: Hydra gets them as
+    # the options of the `recipe` group in its config store (a recipe's defaults list may
+    # name another recipe), the chosen one under its name whatever its folder.
+    store = ConfigStore.instance()
+    store.store(name="schema", node=Config)
+    store.repo.pop("recipe", None)
+    for other, other_path in known_recipes().items():
+        if other != recipe:
+            try:
+                node = _load_recipe(other_path)
+            except ConfigError:  # unreadable: an error only where a recipe names it
+                continue
+            store.store(group="recipe", name=other, node=node, package=_package(other_path))
+    store.store(group="recipe", name=recipe, node=_load_recipe(path), package=_package(path))
+    # The user's config folders go before the shipped conf/ (first match wins), which
+    # hydra.searchpath cannot do: it appends.
+    search_path = create_config_search_path(str(CONF_DIR))
+    for folder in env_folders(CONFIG_PATH_ENV, check=True):
+        search_path.prepend(CONFIG_PATH_ENV, f"file://{folder}", anchor="main")
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            raw = hydra_compose(
-                config_name="config",
-                overrides=list(overrides),
-                return_hydra_config=return_hydra_config,
-            )
+        version.setbase("1.3")
+        Hydra.create_main_hydra2(task_name="app", config_search_path=search_path)
+        raw = hydra_compose(
+            config_name="config",
+            overrides=list(overrides),
+            return_hydra_config=return_hydra_config,
+        )
     except Exception as exc:  # Hydra's override / missing-group errors
         msg = _one_line(exc)
         m = re.match(r"Could not override '([^']+)'", msg)
@@ -543,6 +598,86 @@ def _compose_raw(overrides: list[str], return_hydra_config: bool = False):
     finally:
         GlobalHydra.instance().clear()
     return raw, recipe
+
+
+def env_folders(var: str, check: bool = False) -> list[Path]:
+    """The folders the environment variable ``var`` lists (os.pathsep-separated, ``~``
+    expanded, relative to the working directory). ``check``: refuse one that is not a folder,
+    so a typo does not quietly fall back to the shipped configs."""
+    folders = []
+    for entry in os.environ.get(var, "").split(os.pathsep):
+        if not entry.strip():
+            continue
+        folder = Path(entry).expanduser().absolute()
+        if check and not folder.is_dir():
+            raise ConfigError(f"{var}: {entry} is not a folder")
+        folders.append(folder)
+    return folders
+
+
+def recipe_dirs() -> list[Path]:
+    """Where ``recipe=NAME`` looks for ``NAME.yaml``, first match wins:
+    ``TWOTOWER_RECIPE_PATH``'s folders, then the shipped recipes."""
+    return [*env_folders(RECIPE_PATH_ENV, check=True), RECIPES_DIR]
+
+
+def config_dirs() -> list[Path]:
+    """Hydra's config folders, first match wins: ``TWOTOWER_CONFIG_PATH``'s folders, then the
+    shipped ``conf/``."""
+    return [*env_folders(CONFIG_PATH_ENV, check=True), CONF_DIR]
+
+
+def known_recipes() -> dict[str, Path]:
+    """Every name ``recipe=NAME`` takes, sorted, with the file it picks."""
+    found: dict[str, Path] = {}
+    for folder in recipe_dirs():
+        for path in sorted(folder.glob("*.yaml")):
+            found.setdefault(path.stem, path)
+    return dict(sorted(found.items()))
+
+
+def resolve_recipe(value: str) -> tuple[str, Path]:
+    """What ``recipe=VALUE`` picks, as (name, file). A value ending in .yaml/.yml or holding
+    a path separator is a file (relative to the working directory), named by its stem;
+    anything else is a name looked up in ``recipe_dirs()``."""
+    if value.endswith(RECIPE_SUFFIXES) or "/" in value or os.sep in value:
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {value}")
+        name = path.stem
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+            raise ConfigError(
+                f"recipe file {value}: its name '{name}' names the run (runs/{name}): use "
+                "letters, digits, '_', '.' and '-'"
+            )
+        return name, path.absolute()
+    recipes = known_recipes()
+    if value not in recipes:
+        known = ", ".join(recipes)
+        raise ConfigError(f"unknown recipe '{value}' (known: {known}; or recipe=PATH.yaml)")
+    return value, recipes[value]
+
+
+def _load_recipe(path: Path) -> DictConfig:
+    try:
+        node = OmegaConf.load(path)
+    except Exception as exc:  # YAML syntax
+        raise ConfigError(f"recipe {path}: {_one_line(exc)}") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"recipe {path}: expected a mapping of keys, got a list")
+    return node
+
+
+def _package(path: Path) -> str | None:
+    """The ``# @package X`` of a config file's header comment, as Hydra reads it."""
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            break
+        m = re.match(r"#\s*@package\s+(\S+)", line)
+        if m:
+            return m.group(1)
+    return None
 
 
 def validate(raw: DictConfig, recipe: str) -> Config:

@@ -27,12 +27,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--backbone-path", help="a reference-only release's backbone folder (default: found)"
     )
+    p.add_argument(
+        "--device", help="cpu, cuda, cuda:N, mps (default: cuda when available, else cpu)"
+    )
+    p.add_argument("--dtype", default="fp32", help="weights: fp32 (default) or bf16")
     p.add_argument("--verify", action="store_true", help="lossless: the backbone verifies")
     p.add_argument("--ar", action="store_true", help="decode with the backbone (AR) instead")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
     args = p.parse_intermixed_args(argv)
 
     from twotower_train.backbones import load_release
+    from twotower_train.devices import resolve_device, resolve_dtype
     from twotower_train.errors import first_line
     from twotower_train.release import decoding_defaults
 
@@ -50,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         if not prompts:
             raise ValueError("no prompts (give them as arguments or one per line on stdin)")
         cfg.validate()
-        model, tokenizer = load_release(args.release, backbone_path=args.backbone_path)
+        device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+        model, tokenizer = load_release(args.release, dtype=dtype, backbone_path=args.backbone_path)
+        model = model.to(device)
     except (FileNotFoundError, ValueError, OSError) as exc:
         print(f"twotower_train.generate: error: {first_line(exc)}", file=sys.stderr)
         return 2

@@ -80,17 +80,25 @@ class TwoTowerLM(LM):
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
-        """``--model_args`` as a dict (see ``create_from_arg_string``). lm-eval's own settings
-        (``--device``, ``--batch_size``) win over the model args, as for its HF model;
-        ``max_batch_size`` is ignored."""
+        """``--model_args`` as a dict (see ``create_from_arg_string``). lm-eval's own
+        ``--batch_size`` wins over the model arg. Its ``--device`` (``cuda:0`` unless given)
+        applies when there is no ``device=`` and this machine has it (else the default), as
+        for lm-eval's HF model. ``max_batch_size`` is ignored."""
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        lm_eval_device = extra.pop("device", None)
         args = {**arg_dict, **extra}
         from twotower_train.backbones import load_release, load_two_tower
         from twotower_train.devices import resolve_device, resolve_dtype
         from twotower_train.model.pretrained import decoding_defaults
 
         # checked before any weights load: a bad value is one line, not a half-built model
-        device = resolve_device(str(args["device"]) if args.get("device") else None)
+        if args.get("device"):
+            device = resolve_device(str(args["device"]))
+        else:
+            try:
+                device = resolve_device(lm_eval_device)
+            except ValueError:  # lm-eval's default cuda:0 on a machine without it
+                device = resolve_device(None)
         dtype = resolve_dtype(str(args.get("dtype", "fp32")))
 
         tower = args.get("tower", "twotower")

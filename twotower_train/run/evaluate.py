@@ -18,6 +18,7 @@ from twotower_train.backbones import load_release
 from twotower_train.config import Config, EvalConfig, ExportConfig, Objective
 from twotower_train.console import info
 from twotower_train.decoding import DecodeConfig, ar_generate
+from twotower_train.devices import resolve_device, resolve_dtype
 from twotower_train.eval import tasks
 from twotower_train.eval.harness import answer_block_metrics, evaluate
 from twotower_train.model import ContextTower
@@ -95,22 +96,27 @@ def export_trained(
 
 def evaluate_run(cfg: Config) -> dict:
     """``python -m twotower_train mode=eval``: score a released two-tower model (default
-    ``run.dir/release``) against its backbone; the report goes to ``run.dir/eval/``."""
+    ``run.dir/release``) against its backbone on ``eval.device`` in ``eval.dtype``; the report
+    goes to ``run.dir/eval/``."""
     run_dir = Path(cfg.run.dir)
     release = Path(cfg.eval.release) if cfg.eval.release else run_dir / "release"
-    model, tokenizer = load_release(release)
-    if torch.cuda.is_available():
-        model = model.cuda()
+    device = resolve_device(cfg.eval.device)  # before loading: a missing GPU fails fast
+    model, tokenizer = load_release(release, dtype=resolve_dtype(cfg.eval.dtype))
+    model = model.to(device)
     run_dir.mkdir(parents=True, exist_ok=True)
     logger = MetricsLogger(run_dir, cfg.logger, total_steps=cfg.train.steps, run_config=asdict(cfg))
     try:
         report = evaluate(model, tokenizer, cfg.eval, run_dir / "eval", logger)
     finally:
         logger.close()
-    speed = report["speedup_vs_ar"]
-    speed_text = f", {speed:.2f}x AR tokens/s" if speed is not None else ""
+    # Any of these is None where the tasks cannot give it (no generation task, a backbone
+    # that scores 0, no speed rows): the summary line says so instead of failing.
+    retained, per_forward, speed = (
+        report[k] for k in ("retained", "tokens_per_forward", "speedup_vs_ar")
+    )
     info(
-        f"retained {report['retained']:.4f} at {report['tokens_per_forward']:.2f} tokens per "
-        f"denoiser forward{speed_text}; {run_dir / 'eval'}"
+        f"retained {'n/a' if retained is None else f'{retained:.4f}'} at "
+        f"{'n/a' if per_forward is None else f'{per_forward:.2f}'} tokens per denoiser forward"
+        f"{'' if speed is None else f', {speed:.2f}x AR tokens/s'}; {run_dir / 'eval'}"
     )
     return report
