@@ -200,7 +200,7 @@ def test_flex_matches_sdpa_model():
 def test_bad_arguments():
     backbone = tiny_backbone("llama")
     with pytest.raises(ValueError):
-        TwoTowerModel.from_backbone(copy.deepcopy(backbone), mask_token_id=VOCAB)
+        TwoTowerModel.from_backbone(copy.deepcopy(backbone), mask_token_id=VOCAB + 1)
     with pytest.raises(ValueError):
         TwoTowerModel.from_backbone(copy.deepcopy(backbone), mask_token_id=MASK, attn_impl="x")
     with pytest.raises(ValueError):

@@ -37,7 +37,7 @@ def load_tokenizer(cfg: BackboneConfig):
     elif cfg.init == InitMode.scratch:
         source = str(TINY_WORLD_TOKENIZER)
     else:
-        source = resolve(cfg.name_or_path)
+        source = resolve(cfg.name_or_path, cfg.gguf_file)
     try:
         tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision)
     except Exception as exc:
@@ -72,7 +72,7 @@ def backbone_config(cfg: BackboneConfig) -> PretrainedConfig:
     if name in SHIPPED_CONFIGS:
         source, offline = str(SHIPPED_CONFIGS[name]), {}
     else:
-        source, offline = resolve(name), {"local_files_only": True}
+        source, offline = resolve(name, cfg.gguf_file), {"local_files_only": True}
     try:
         return AutoConfig.from_pretrained(source, revision=cfg.revision, **offline)
     except Exception as exc:
@@ -93,7 +93,7 @@ def load_backbone(cfg: BackboneConfig, tokenizer) -> PreTrainedModel:
             raise BackboneError(
                 f"cannot build a '{config.model_type}' backbone: {first_line(exc)}"
             ) from None
-    source = resolve(cfg.name_or_path)
+    source = resolve(cfg.name_or_path, cfg.gguf_file)
     try:
         return AutoModelForCausalLM.from_pretrained(
             source, revision=cfg.revision, dtype=torch.float32
@@ -108,14 +108,52 @@ def build_two_tower(
     """The one way a run builds its two-tower model: ``config`` with the tokenizer's mask
     token unless ``config.mask_token_id`` is set. ``backbone`` becomes the context tower;
     ``clone`` copies it for the denoiser (``TwoTowerModel.from_backbone``)."""
+    vocab = backbone.get_input_embeddings().num_embeddings
     mask = config.mask_token_id
     if mask is None:
-        mask = tokenizer.mask_token_id
-        if mask is None:
-            raise BackboneError(
-                "the tokenizer has no mask token; set denoiser.mask_token_id to a vocabulary id"
-            )
+        # the tokenizer's own mask token, else a new [MASK]: the first id past the embedding
+        mask = tokenizer.mask_token_id if tokenizer.mask_token_id is not None else vocab
+    else:
+        check_mask_id(mask, tokenizer)
     return TwoTowerModel.from_backbone(backbone, config, clone=clone, mask_token_id=mask)
+
+
+def check_mask_id(mask_id: int, tokenizer) -> None:
+    """Refuse (one line) a ``denoiser.mask_token_id`` the tokenizer produces from text: the
+    denoiser would read a real token as "masked". Allowed: the tokenizer's mask token, an id
+    past its vocabulary, or a reserved special token (Llama 3's
+    ``<|reserved_special_token_N|>``)."""
+    if mask_id == tokenizer.mask_token_id or mask_id >= len(tokenizer):
+        return
+    token = tokenizer.convert_ids_to_tokens(mask_id)
+    special = mask_id in tokenizer.all_special_ids or token in tokenizer.get_added_vocab()
+    used = {tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id}
+    if special and "reserved" in str(token) and mask_id not in used:
+        return
+    raise BackboneError(
+        f"denoiser.mask_token_id={mask_id} is {token!r}, a token the tokenizer produces; "
+        "leave it null to give the denoiser its own [MASK]"
+    )
+
+
+def release_tokenizer_with_mask(tokenizer, mask_id: int):
+    """The tokenizer a release ships: ``tokenizer`` itself, or a copy with ``[MASK]`` added
+    as its mask token when the denoiser's mask is an added id (training never tokenizes it:
+    the context tower must never see it)."""
+    if tokenizer.mask_token_id == mask_id or mask_id != len(tokenizer):
+        return tokenizer
+    out = copy.deepcopy(tokenizer)
+    out.add_special_tokens({"mask_token": "[MASK]"})
+    if out.mask_token_id != mask_id:
+        raise BackboneError(f"the added [MASK] got id {out.mask_token_id}, expected {mask_id}")
+    return out
+
+
+def backbone_name(cfg: BackboneConfig) -> str:
+    """The backbone as a release names it: ``name_or_path``, or the GGUF file's path."""
+    if cfg.gguf_file is not None:
+        return str(Path(cfg.name_or_path).expanduser() / cfg.gguf_file)
+    return cfg.name_or_path
 
 
 def load_two_tower(source: str, config: TwoTowerConfig | None = None):

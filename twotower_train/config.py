@@ -99,8 +99,11 @@ class RunConfig:
 
 @dataclass
 class BackboneConfig:
-    # A shipped name (tiny_llama, tiny_nemotron_h), a local folder, or a hub id.
+    # A shipped name (tiny_llama, tiny_nemotron_h), a local folder, a hub id, or a .gguf
+    # file (dequantized once into the cache: docs/recipes.md "GGUF backbones").
     name_or_path: str = "tiny_llama"
+    # A .gguf file inside the folder `name_or_path` (null: a folder is an HF model folder).
+    gguf_file: str | None = None
     revision: str | None = None
     init: InitMode = InitMode.pretrained
     # HF config kwargs (with `model_type`) for init=scratch.

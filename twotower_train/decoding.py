@@ -39,6 +39,7 @@ import torch
 
 from twotower_train.config import CommitOrder, CommitScore
 from twotower_train.model import ContextCache, ContextTower, TwoTowerModel
+from twotower_train.model.mask_embedding import forbid_mask
 
 SCORES = tuple(s.value for s in CommitScore)  # the values `eval.score` takes
 ORDERS = tuple(o.value for o in CommitOrder)
@@ -64,6 +65,9 @@ class DecodeConfig:
     batch_size: int = 64  # most rows per forward
     # Lossless: the context tower verifies every drafted block (greedy; output == AR greedy).
     verify: bool = False
+    # Verified decoding drafts only while it pays (``DraftPolicy``: timed rounds, AR steps
+    # with a backoff when drafting loses); False drafts every round (tests, benchmarks).
+    verify_adaptive: bool = True
     # What the threshold reads: "confidence" (probability of the chosen token) or "margin"
     # (its probability minus the runner-up's: low where two tokens compete).
     score: str = "confidence"
@@ -111,8 +115,9 @@ class GenerationStats:
     ``new_tokens``: decoded tokens (those returned, plus the EOS that ended a sequence);
     ``tokens_per_forward``: new tokens per denoiser forward (AR: per context forward);
     ``denoiser_calls`` / ``context_calls``: batched model invocations.
-    Verified decoding (``DecodeConfig.verify``): ``rounds`` (a round = the denoiser forwards
-    that draft one block plus the context forward that verifies it), ``accepted`` (drafted
+    Verified decoding (``DecodeConfig.verify``): ``rounds`` (a round = at most one denoiser
+    forward that drafts plus the context forward that verifies it; a round that drafts
+    nothing is an AR step), ``draft_rounds`` (rounds that drafted), ``accepted`` (drafted
     tokens the backbone agreed with), ``tokens_per_step`` (new tokens per round) and
     ``mean_accepted`` (accepted drafted tokens per round).
     """
@@ -127,6 +132,7 @@ class GenerationStats:
     context_calls: int = 0
     sequences: int = 0
     rounds: int = 0
+    draft_rounds: int = 0
     accepted: int = 0
     tokens_per_step: float = 0.0
     mean_accepted: float = 0.0
@@ -152,6 +158,7 @@ class GenerationStats:
                 "new_tokens",
                 "sequences",
                 "rounds",
+                "draft_rounds",
                 "accepted",
             ):
                 setattr(total, name, getattr(total, name) + getattr(p, name))
@@ -417,7 +424,6 @@ def _draft_block(
     positions are committed or each row has committed an EOS with nothing open before it."""
     bs, mask_id = model.block_size, model.mask_token_id
     steps = cfg.steps_per_block or bs
-    mask_index = torch.tensor([mask_id], device=block.device)
     active = (block[:, :width] == mask_id).any(1)
     for step in range(steps):
         if not bool(active.any()):
@@ -426,7 +432,7 @@ def _draft_block(
         if model.config.time_conditioning:  # the denoiser reads the block's mask rate
             t = (block == mask_id).float().mean(1)
         logits = model.denoise_block(cache, block, t=t)  # [B, bs, V]
-        logits = logits.index_fill(-1, mask_index, -torch.inf)  # never "decode" [MASK]
+        logits = forbid_mask(logits, mask_id)  # never "decode" [MASK]
         stats.denoiser_forwards += int(active.sum())
         stats.denoiser_calls += 1
         ids, conf = choose_tokens(
@@ -461,52 +467,152 @@ def _verified_row(
     eos_id: int | None,
     stats: GenerationStats,
 ) -> None:
-    """Verified decoding of one prompt (``cache``: its prefix). Per round: the denoiser
-    drafts a block; the context tower reads the draft in one forward (it must, to extend its
-    cache) and its greedy choices verify it: the longest prefix equal to them is kept, the
-    cache is rolled back to it, and the backbone's own next token -- its correction at the
-    first disagreement, or the token after a fully accepted block -- opens the next block
-    already committed. Every kept token is the backbone's greedy choice, so the output is
-    AR greedy decoding, token for token."""
-    bs, mask_id = model.block_size, model.mask_token_id
+    """Verified decoding of one prompt (``cache``: its prefix, whose last logits give the
+    backbone's first token). Per round the backbone's next token ``carry`` is known; the
+    denoiser drafts what follows it in ONE forward -- the leading positions whose confidence
+    reaches the draft threshold, at most ``policy.cap`` of them -- and the context tower reads
+    ``[carry, *draft]`` in one forward (it must, to extend its cache): its greedy choices keep
+    the longest agreeing prefix of the draft, the cache is cut back to it, and the backbone's
+    choice after the last kept token is the next ``carry``. Every kept token is the backbone's
+    greedy choice, so the output is AR greedy decoding, token for token.
+
+    The cost of drafting is bounded (``DraftPolicy``): a round that drafts nothing is an AR
+    step, so when drafting does not pay for its denoiser forward the row decodes as AR does,
+    probing the drafter again after a backoff that doubles while it keeps losing."""
+    bs = model.block_size
     stop_id = eos_id if cfg.stop_at_eos else None
     device = _device(model)
-    carry: int | None = None  # the backbone's next token, known before the block is drafted
-    while len(out) < cfg.max_new_tokens:
-        width = min(bs, cfg.max_new_tokens - len(out))
-        block = torch.full((1, bs), mask_id, dtype=torch.long, device=device)
-        if carry is not None:
-            block[0, 0] = carry
-        block = _draft_block(model, cache, block, width, cfg, stop_id, None, stats)
-        draft = block[0, :width].tolist()
-        if mask_id in draft:  # stopped at a committed EOS: the rest is not needed
-            draft = draft[: draft.index(mask_id)]
-        if stop_id is not None and stop_id in draft:
-            draft = draft[: draft.index(stop_id) + 1]
-        extended, logits = model.context_extend(cache, torch.tensor([draft], device=device))
+    policy = DraftPolicy(max_cap=bs - 1, adaptive=cfg.verify_adaptive)
+    carry = int(cache.last_logits[0].argmax())
+    while True:
+        if stop_id is not None and carry == stop_id:
+            stats.new_tokens += 1  # the backbone ends the sequence here
+            return
+        room = cfg.max_new_tokens - len(out) - 1  # tokens left after the carry
+        draft: list[int] = []
+        t0 = time.perf_counter()
+        cap = min(policy.cap(), room, bs - 1)
+        called = cap > 0
+        if called:
+            draft = _draft_after(model, cache, carry, cap, cfg, stop_id, stats)
+        t_draft = time.perf_counter() - t0
+        chunk = torch.tensor([[carry, *draft]], device=device)
+        extended, logits = model.context_extend(cache, chunk)  # logits [1, 1 + d, V]
         stats.context_forwards += 1
         stats.context_calls += 1
-        # the backbone's greedy choice at each drafted position: [last prefix logits ; block]
-        choices = torch.cat([cache.last_logits[:, None], logits[:, :-1]], 1)[0].argmax(-1)
-        agree = (torch.tensor(draft, device=device) == choices).long().cumprod(0)
-        k = int(agree.sum())
-        stats.rounds += 1
-        stats.accepted += k - int(carry is not None and k > 0)  # the carry was not drafted
-        kept = draft[:k]
+        choices = logits[0].argmax(-1)  # the backbone's token after each read position
+        agree = (torch.tensor(draft, device=device, dtype=torch.long) == choices[:-1]).long()
+        k = int(agree.cumprod(0).sum()) if draft else 0
+        kept = [carry, *draft[:k]]
         if k == len(draft):
-            cache, carry = extended, int(extended.last_logits[0].argmax())
+            cache = extended
         else:
-            cache, carry = _truncate(model, cache, extended, kept, logits, stats), int(choices[k])
+            cache = _truncate(model, cache, extended, kept, logits, stats)
+        next_carry = int(choices[k])
+        _sync(device)  # times of the policy: what the device really spent
+        elapsed = time.perf_counter() - t0
+        stats.rounds += 1
+        stats.accepted += k
+        stats.draft_rounds += int(called)
+        policy.update(called, len(draft), k, seconds=elapsed, draft_seconds=t_draft)
         ended = stop_id is not None and stop_id in kept
         if ended:
             kept = kept[: kept.index(stop_id)]
         out.extend(kept)
         stats.new_tokens += len(kept) + int(ended)
-        if ended:
+        if ended or len(out) >= cfg.max_new_tokens:
             return
-        if stop_id is not None and carry == stop_id and len(out) < cfg.max_new_tokens:
-            stats.new_tokens += 1  # the backbone ends the sequence here
+        carry = next_carry
+
+
+def _draft_after(
+    model: TwoTowerModel,
+    cache: ContextCache,
+    carry: int,
+    cap: int,
+    cfg: DecodeConfig,
+    stop_id: int | None,
+    stats: GenerationStats,
+) -> list[int]:
+    """One denoiser forward over ``[carry, MASK, ...]``: the greedy tokens of the leading
+    masked positions whose score reaches ``cfg.threshold`` (at most ``cap``; cut after an
+    EOS)."""
+    bs, mask_id = model.block_size, model.mask_token_id
+    block = torch.full((1, bs), mask_id, dtype=torch.long, device=_device(model))
+    block[0, 0] = carry
+    t = None
+    if model.config.time_conditioning:
+        t = (block == mask_id).float().mean(1)
+    logits = forbid_mask(model.denoise_block(cache, block, t=t), mask_id)[0, 1 : 1 + cap]
+    stats.denoiser_forwards += 1
+    stats.denoiser_calls += 1
+    ids, conf = choose_tokens(logits, temperature=0.0)
+    scores = commit_scores(logits, ids, conf, cfg.score)
+    sure = (scores >= cfg.threshold).long().cumprod(0)
+    draft = ids[: int(sure.sum())].tolist()
+    if stop_id is not None and stop_id in draft:
+        draft = draft[: draft.index(stop_id) + 1]
+    return draft
+
+
+@dataclass
+class DraftPolicy:
+    """How much a verified row drafts: never so much that it decodes slower than AR.
+
+    ``cap()`` is the most tokens the next round may draft (0: an AR step, no denoiser
+    forward). It halves towards the accepted length when a draft is rejected and doubles
+    when one is accepted whole. Rounds are timed: when drafting rounds yield fewer tokens
+    per second than AR steps (measured on the same row), drafting stops and the row decodes
+    as AR; it probes the drafter again after ``backoff`` AR steps, doubling the backoff (up
+    to ``max_backoff``) each time the probe loses. The worst case, a drafter that never
+    helps, costs one probe per ``max_backoff`` tokens."""
+
+    max_cap: int
+    adaptive: bool = True  # False: always draft up to ``max_cap`` (no timing decisions)
+    min_backoff: int = 2
+    max_backoff: int = 64
+    smoothing: float = 0.3  # weight of the newest round in the running averages
+    _cap: int = -1
+    _draft_rate: float | None = None  # tokens per second of drafting rounds
+    _ar_rate: float | None = None  # tokens per second of AR steps
+    _ar_left: int = 0  # AR steps before the next probe
+    _backoff: int = 2
+
+    def __post_init__(self) -> None:
+        self._cap = self.max_cap
+        self._backoff = self.min_backoff
+
+    def cap(self) -> int:
+        if not self.adaptive:
+            return self.max_cap
+        return 0 if self._ar_left > 0 else self._cap
+
+    def update(
+        self, called: bool, drafted: int, accepted: int, seconds: float, draft_seconds: float
+    ) -> None:
+        """One round's outcome: whether the denoiser ran (``called``), how many tokens it
+        drafted and the backbone accepted, the round's wall time and the drafting's part."""
+        rate = (accepted + 1) / max(seconds, 1e-9)  # the carry is decoded every round
+        if not called:  # an AR step
+            self._ar_left = max(0, self._ar_left - 1)
+            self._ar_rate = self._average(self._ar_rate, rate)
             return
+        self._draft_rate = self._average(self._draft_rate, rate)
+        if self._ar_rate is None:  # until an AR step is timed: the verifying forward alone
+            self._ar_rate = 1.0 / max(seconds - draft_seconds, 1e-9)
+        if drafted and accepted == drafted:
+            self._cap = min(self.max_cap, 2 * self._cap)
+        else:
+            self._cap = max(1, min(self._cap, 2 * accepted + 1))
+        if self._draft_rate < self._ar_rate:
+            self._ar_left = self._backoff
+            self._backoff = min(self.max_backoff, 2 * self._backoff)
+            self._draft_rate = None  # the next probe is judged on its own
+        elif accepted:
+            self._backoff = self.min_backoff
+
+    def _average(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
 
 
 def _truncate(model, before: ContextCache, extended: ContextCache, kept, logits, stats):

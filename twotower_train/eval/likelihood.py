@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from twotower_train.diffusion import diffusion_ce, expand_blocks, mask_prob, mask_tokens, sample_t
 from twotower_train.model import TwoTowerModel
+from twotower_train.model.mask_embedding import forbid_mask
 
 Request = tuple[list[int], list[int]]  # (context ids, continuation ids)
 
@@ -137,7 +138,7 @@ def _score_block(model, cache, group, requests, k, logp, greedy, max_rows) -> No
         pos = torch.tensor(positions[sl], device=device)
         tgt = torch.tensor(targets[sl], device=device)
         picked = logits[torch.arange(len(pos), device=device), pos].float()  # [R, V]
-        picked[:, mask_id] = -torch.inf
+        picked = forbid_mask(picked, mask_id)
         lp = picked.log_softmax(-1).gather(-1, tgt[:, None])[:, 0]
         hit = picked.argmax(-1) == tgt
         for owner, v, h in zip(owners[sl], lp.tolist(), hit.tolist()):
@@ -206,7 +207,7 @@ def diffusion_elbo(
             t_b = t[sl].to(device)
             rate = mask_prob(t_b, schedule) if model.config.time_conditioning else None
             logits = model(rows[sl].to(device), noisy[sl].to(device), t=rate)
-            logits[..., model.mask_token_id] = -torch.inf
+            logits = forbid_mask(logits, model.mask_token_id)
             m = masked[sl].to(device)
             bound = diffusion_ce(
                 logits,

@@ -14,7 +14,6 @@ reads and checks, so the model knows nothing of runs or exports.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from twotower_train.errors import TwoTowerError, first_line
+from twotower_train.files import sha256_file
 from twotower_train.model.config import TwoTowerConfig
 from twotower_train.model.hub import BackboneError, resolve
 from twotower_train.model.registry import is_norm
@@ -236,11 +236,3 @@ def legacy_denoiser_state(denoiser: nn.Module, state: dict) -> dict:
 def weight_hashes(folder: Path) -> dict[str, str]:
     """sha256 of each weight file of a saved HF model folder."""
     return {p.name: sha256_file(p) for p in sorted(folder.glob("*.safetensors"))}
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

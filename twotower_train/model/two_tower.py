@@ -20,6 +20,7 @@ from twotower_train.errors import first_line
 from .attention import denoiser_block_mask, flex_available
 from .cache import ContextCache, ContextOutputs, DenoiserContext
 from .config import AttnImpl, TwoTowerConfig
+from .mask_embedding import AddedMaskEmbedding
 from .masks import block_causal_mask_mod, block_document_positions, denoiser_attention_mask
 from .pretrained import ReleaseError, legacy_denoiser_state, read_release
 from .registry import check_backbone
@@ -75,9 +76,10 @@ class TwoTowerModel(nn.Module):
         vocab = backbone.get_input_embeddings().num_embeddings
         if config.mask_token_id is None:
             raise ValueError("mask_token_id is not set (the tokenizer has no mask token?)")
-        if not 0 <= config.mask_token_id < vocab:
+        if not 0 <= config.mask_token_id <= vocab:
             raise ValueError(
-                f"mask_token_id {config.mask_token_id} outside the vocabulary (size {vocab})"
+                f"mask_token_id {config.mask_token_id} outside the vocabulary (size {vocab}; "
+                f"{vocab} adds a [MASK] row to the denoiser)"
             )
         denoiser = DenoiserTower(
             backbone,
@@ -87,6 +89,9 @@ class TwoTowerModel(nn.Module):
             time_conditioning=config.time_conditioning,
             clone=clone,
         )
+        if config.mask_token_id == vocab:  # the tokenizer had none: the denoiser learns one
+            embed = AddedMaskEmbedding(denoiser.embed, config.mask_token_id)
+            denoiser.model.set_input_embeddings(embed)
         if config.context_dtype is not None:
             backbone.to(config.context_dtype.torch)
         model = cls(ContextTower(backbone), denoiser, config)

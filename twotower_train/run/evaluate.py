@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from twotower_train.backbones import load_release
+from twotower_train.backbones import load_release, release_tokenizer_with_mask
 from twotower_train.config import Config, EvalConfig, ExportConfig, Objective
 from twotower_train.console import info
 from twotower_train.decoding import DecodeConfig, ar_generate
@@ -85,7 +85,7 @@ def export_trained(
         return save_hf_model(model, tokenizer, out_dir, dtype=cfg.dtype.torch)
     return save_release(
         model,
-        tokenizer,
+        release_tokenizer_with_mask(tokenizer, model.mask_token_id),
         out_dir,
         dtype=cfg.dtype.torch,
         run_info=run_info,

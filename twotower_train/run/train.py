@@ -23,7 +23,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from twotower_train.backbones import build_two_tower, load_backbone, load_tokenizer
+from twotower_train.backbones import (
+    backbone_name,
+    build_two_tower,
+    load_backbone,
+    load_tokenizer,
+)
 from twotower_train.config import (
     Config,
     ContextPlacement,
@@ -551,7 +556,7 @@ def run_info(cfg: Config, run_dir: Path, step: int, tokens_per_step: int, wandb_
 
     evaluated = run_dir / "eval"
     return {
-        "backbone": cfg.backbone.name_or_path,
+        "backbone": backbone_name(cfg.backbone),
         "revision": cfg.backbone.revision,
         "config": OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True),
         "steps": step,
