@@ -81,7 +81,7 @@ class ResumeMode(str, Enum):
     # refuse (listing the keys) when a key that changes training differs.
     auto = "auto"
     # Resume from the latest checkpoint even though training keys changed (the new config is
-    # saved; the old one is kept as config.<step>.yaml).
+    # saved; the old one is kept as config.before_<time>.yaml).
     changed = "changed"
     # Start over: the old run's config, metrics and checkpoints move to run.dir/previous/<time>/.
     restart = "restart"

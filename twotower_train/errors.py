@@ -12,6 +12,10 @@ class TwoTowerError(Exception):
     """Base of every error the user can fix; its message is one line."""
 
 
+class MissingFile(TwoTowerError, FileNotFoundError):
+    """A file or folder the user named (or a command should have made) is not there."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first non-empty line of ``str(exc)``, or the exception's type name."""
     for line in str(exc).splitlines():

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from twotower_train.config import BadDocumentPolicy, ConfigError, DataSourceConfig, SourceKind
-from twotower_train.errors import first_line
+from twotower_train.errors import MissingFile, first_line
 
 
 class DataError(ConfigError):
@@ -134,16 +134,16 @@ def resolve_files(path: str, kind: SourceKind, label: str) -> list[Path]:
     if any(ch in path for ch in "*?["):
         files = sorted(Path(p) for p in glob.glob(expanded, recursive=True) if Path(p).is_file())
         if not files:
-            raise FileNotFoundError(f"{label}: no file matches {path}")
+            raise MissingFile(f"{label}: no file matches {path}")
         return files
     p = Path(expanded)
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(SUFFIXES[kind]))
         if not files:
-            raise FileNotFoundError(f"{label}: no {'/'.join(SUFFIXES[kind])} files in {p}")
+            raise MissingFile(f"{label}: no {'/'.join(SUFFIXES[kind])} files in {p}")
         return files
     if not p.is_file():
-        raise FileNotFoundError(f"{label}: {p} does not exist")
+        raise MissingFile(f"{label}: {p} does not exist")
     return [p]
 
 
@@ -370,7 +370,7 @@ def open_hub_dataset(src: DataSourceConfig, streaming: bool, label: str):
         (path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json")
     )
     if not path.exists() and src.path.startswith(("/", ".", "~")):
-        raise FileNotFoundError(f"{label}: {path} does not exist")
+        raise MissingFile(f"{label}: {path} does not exist")
     try:
         if saved:
             ds = datasets.load_from_disk(str(path))

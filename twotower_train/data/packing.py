@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
+from twotower_train.data.documents import DataError
 from twotower_train.data.tokens import END, PROMPT, TokenChunk
 
 
@@ -30,7 +31,7 @@ def pack_documents(docs: Iterable[list[int]], eos_id: int, seq_len: int) -> tupl
         flat.append(eos_id)
     n = len(flat) // seq_len
     if n == 0:
-        raise ValueError(f"not enough tokens ({len(flat)}) for one sequence of {seq_len}")
+        raise DataError(f"not enough tokens ({len(flat)}) for one sequence of {seq_len}")
     arr = np.asarray(flat[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
     return arr, len(flat) - n * seq_len
 

@@ -41,6 +41,7 @@ from twotower_train.data.tokens import (
     short_histogram,
     tokenize_documents,
 )
+from twotower_train.errors import MissingFile
 
 CACHE_VERSION = 1
 TOKENIZE_BATCH = 1024  # documents per tokenizer call
@@ -72,7 +73,7 @@ def _tiny_world_spec(index: int, src: DataSourceConfig) -> SourceSpec:
 
     train_file = Path(tiny_world.CORPUS_DIR) / tiny_world.TRAIN_FILE
     if not train_file.is_file():
-        raise FileNotFoundError(
+        raise MissingFile(
             f"tiny-world corpus {train_file} is missing; rebuild it with "
             f"`{tiny_world.BUILD_COMMAND}`"
         )

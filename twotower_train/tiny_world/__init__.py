@@ -24,6 +24,8 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from twotower_train.errors import MissingFile
+
 TASKS: tuple[str, ...] = ("add", "copy", "reverse", "sort", "recall")
 ASSETS_DIR: Path = Path(__file__).resolve().parent.parent / "assets" / "tiny_world"
 TOKENIZER_DIR: Path = ASSETS_DIR / "tokenizer"
@@ -42,9 +44,7 @@ BUILD_COMMAND = "python -m twotower_train.tiny_world.build build"
 
 def _read_jsonl_gz(path: Path) -> Iterator[dict]:
     if not path.is_file():
-        raise FileNotFoundError(
-            f"tiny-world asset {path} is missing; rebuild it with `{BUILD_COMMAND}`"
-        )
+        raise MissingFile(f"tiny-world asset {path} is missing; rebuild it with `{BUILD_COMMAND}`")
     with gzip.open(path, "rt", encoding="utf-8") as lines:
         for line in lines:
             yield json.loads(line)
@@ -84,7 +84,7 @@ def load_tokenizer(tokenizer_dir: Path = TOKENIZER_DIR):
 
     tokenizer_file = Path(tokenizer_dir) / "tokenizer.json"
     if not tokenizer_file.is_file():
-        raise FileNotFoundError(
+        raise MissingFile(
             f"tiny-world tokenizer {tokenizer_file} is missing; rebuild it with `{BUILD_COMMAND}`"
         )
     return PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
