@@ -44,6 +44,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "over the tasks, the harness's speed subset (round-robin)",
     )
     p.add_argument(
+        "--text",
+        default=None,
+        help="prompts from held-out text instead of the tiny world's tasks: a jsonl file of "
+        '{"text": ...} passages, each cut to its first --prompt-tokens tokens',
+    )
+    p.add_argument("--prompt-tokens", type=int, default=32, help="with --text")
+    p.add_argument(
         "--breakdown",
         action="store_true",
         help="where each decoder's time goes: prompt prefill, context-tower extensions, "
@@ -52,9 +59,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def _build(args):
-    from twotower_train.backbones import load_two_tower
+    from twotower_train.backbones import load_release, load_two_tower
     from twotower_train.model import TwoTowerConfig
-    from twotower_train.backbones import load_release
 
     if args.release:
         model, tokenizer = load_release(args.release)
@@ -122,14 +128,19 @@ def _breakdown(timer: ForwardTimer, wall: float, tokens: int) -> dict:
 def run(args: argparse.Namespace) -> dict:
     from twotower_train.decoding import DecodeConfig, ar_generate, diffusion_generate
     from twotower_train.eval import tasks
+    from twotower_train.eval.agreement import agreement_prompts, load_passages
     from twotower_train.eval.harness import round_robin
 
     model, tokenizer, device = _build(args)
-    gen_tasks = tasks.of_kind(list(tasks.registry()), tasks.GenerationTask)
-    examples = tasks.generation_examples(gen_tasks, -(-args.prompts // len(gen_tasks)))
-    prompts = [tokenizer.encode(ex["prompt"], add_special_tokens=False) for ex in examples]
-    if args.prompt_order == "round-robin":
-        prompts = round_robin(examples, prompts)
+    if args.text:
+        passages = load_passages(args.text)
+        prompts = agreement_prompts(passages, tokenizer, args.prompt_tokens, args.prompts)
+    else:
+        gen_tasks = tasks.of_kind(list(tasks.registry()), tasks.GenerationTask)
+        examples = tasks.generation_examples(gen_tasks, -(-args.prompts // len(gen_tasks)))
+        prompts = [tokenizer.encode(ex["prompt"], add_special_tokens=False) for ex in examples]
+        if args.prompt_order == "round-robin":
+            prompts = round_robin(examples, prompts)
     prompts = prompts[: args.prompts]
     eos = tokenizer.eos_token_id
     results = []
@@ -209,7 +220,7 @@ def run(args: argparse.Namespace) -> dict:
         "dtype": args.dtype,
         "order": args.order,
         "prompts": len(prompts),
-        "prompt_order": args.prompt_order,
+        "prompt_order": "text" if args.text else args.prompt_order,
         "max_new_tokens": args.max_new_tokens,
         "results": results,
     }
