@@ -380,3 +380,58 @@ def test_answer_block_metrics_against_the_training_forward(model, tokenizer):
     assert got["answer_ce"] == pytest.approx(ce / n, rel=1e-4)
     assert got["answer_acc"] == hits / n and got["answer_exact"] == exact / len(examples)
     assert answer_block_metrics(model, tokenizer, examples, batch_size=1) == pytest.approx(got)
+
+
+# -- AR agreement ---------------------------------------------------------------------------------
+
+
+def test_agreement_counts_positions_of_the_reference():
+    from twotower_train.eval.agreement import agreement
+
+    ref = [[1, 2, 3, 4], [5, 6]]
+    assert agreement(ref, ref) == (6, 6)
+    # a mismatch, a shorter output (the rest disagrees), a longer one (extra ignored)
+    assert agreement(ref, [[1, 9, 3], [5, 6, 7, 8]]) == (4, 6)
+    assert agreement([list(range(100))], [list(range(100))], length=64) == (64, 64)
+    with pytest.raises(ValueError):
+        agreement(ref, [[1]])
+
+
+def test_agreement_prompts_and_bad_data(tmp_path, tokenizer):
+    from twotower_train.eval.agreement import AgreementDataError, agreement_prompts, load_passages
+
+    path = tmp_path / "heldout.jsonl"
+    path.write_text('{"text": "a b"}\n' + '{"text": "' + "add 1 2 = 3 " * 20 + '"}\n\n')
+    passages = load_passages(str(path))
+    prompts = agreement_prompts(passages, tokenizer, prompt_tokens=8, limit=5)
+    assert len(prompts) == 1 and len(prompts[0]) == 8  # the short passage is skipped
+    path.write_text('{"text": "fine"}\n["not", "an", "object"]\n')
+    with pytest.raises(AgreementDataError, match="line 2"):
+        load_passages(str(path))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_passages(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(AgreementDataError, match="longer than 500 tokens"):
+        agreement_prompts(["short"], tokenizer, prompt_tokens=500, limit=3)
+
+
+def test_ar_agreement_in_the_report(model, tokenizer, tmp_path):
+    """ar_agreement: reported beside the summary, not in it; verified agrees exactly."""
+    cfg = EvalConfig(
+        tasks=["add", "ar_agreement"],
+        max_examples_per_task=3,
+        max_new_tokens=6,
+        threshold_sweep=[],
+        speed_examples=0,
+        batch_size=8,
+        verify=True,
+        agreement_prompt_tokens=12,
+    )
+    report = evaluate(model, tokenizer, cfg, tmp_path)
+    row = next(t for t in report["tasks"] if t["name"] == "ar_agreement")
+    assert row["backbone"] == 1.0 and 0.0 <= row["twotower"] <= 1.0
+    assert row["in_retained"] is False and report["retained_tasks"] == ["add"]
+    agree = report["ar_agreement"]
+    assert agree["prompts"] == 3 and agree["verified"]["agreement"] == 1.0
+    assert agree["diffusion"]["positions"] == agree["verified"]["positions"] > 0
+    assert agree["diffusion"]["agreement"] == row["twotower"]
+    assert "AR agreement" in (tmp_path / "report.md").read_text()

@@ -449,6 +449,10 @@ class EvalConfig:
     # Drafting threshold of the verified mode (null = `threshold`): only a speed knob, the
     # output is the backbone's whatever the draft; low drafts more per round.
     verify_threshold: float | None = 0.5
+    # ar_agreement: held-out passages (jsonl of {"text": ...}; null = the tiny world's), the
+    # prompt length in tokens; the first 64 generated tokens are compared with AR greedy.
+    agreement_data: str | None = None
+    agreement_prompt_tokens: int = 32
     # mode=eval: the release folder to score (null = run.dir/release).
     release: str | None = None
     # mode=eval: where the release is scored (null = cuda when available, else cpu; or a torch

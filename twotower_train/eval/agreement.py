@@ -17,7 +17,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from twotower_train.decoding import DecodeConfig, ar_generate, diffusion_generate
 from twotower_train.errors import MissingFile, TwoTowerError
+from twotower_train.eval.report import TaskScore
+from twotower_train.eval.tasks import AgreementTask, register
 
 LENGTH = 64  # tokens compared per prompt
 
@@ -78,3 +81,42 @@ def agreement_prompts(
             f"no held-out passage is longer than {prompt_tokens} tokens for ar_agreement"
         )
     return prompts
+
+
+TASK = register(AgreementTask("ar_agreement"))
+
+
+def score_agreement(
+    model, tokenizer, prompts: list[list[int]], decode: DecodeConfig, verify: DecodeConfig | None
+) -> tuple[TaskScore, dict]:
+    """AR agreement of diffusion decoding (``decode``) and, with ``verify``, of verified
+    decoding on ``prompts``: the report row (diffusion's agreement; the backbone's is 1 by
+    definition) and ``{"diffusion": {...}, "verified": {...}}`` with matches and positions."""
+    eos = tokenizer.eos_token_id
+    base = DecodeConfig(max_new_tokens=LENGTH, batch_size=decode.batch_size)
+    reference, _ = ar_generate(model, prompts, base, eos)
+    modes = {"diffusion": decode}
+    if verify is not None:
+        modes["verified"] = verify
+    out = {}
+    for mode, cfg in modes.items():
+        cfg = DecodeConfig(**{**cfg.__dict__, "max_new_tokens": LENGTH})
+        outputs, stats = diffusion_generate(model, prompts, cfg, eos)
+        matches, positions = agreement(reference, outputs)
+        out[mode] = {
+            "agreement": matches / positions if positions else None,
+            "matches": matches,
+            "positions": positions,
+            "tokens_per_forward": stats.tokens_per_forward,
+            "threshold": cfg.threshold,
+        }
+    share = out["diffusion"]["agreement"] or 0.0
+    row = TaskScore(
+        TASK.name,
+        TASK.metric,
+        1.0,
+        share,
+        n=out["diffusion"]["positions"],
+        in_summary=False,
+    )
+    return row, {"prompts": len(prompts), **out}

@@ -26,6 +26,7 @@ from twotower_train.decoding import (
     length_groups,
 )
 from twotower_train.eval import likelihood, lm_eval_suite, tasks
+from twotower_train.eval.agreement import agreement_prompts, load_passages, score_agreement
 from twotower_train.eval.report import TaskScore, build_report, log_report, write_report
 from twotower_train.model import TwoTowerModel
 from twotower_train.model.mask_embedding import forbid_mask
@@ -200,6 +201,24 @@ def _lm_eval_tasks(
         )
 
 
+def _agreement(model, tokenizer, cfg: EvalConfig) -> tuple[TaskScore, dict]:
+    """AR agreement on held-out text (``eval/agreement.py``) at the main threshold, and of
+    the verified mode with ``eval.verify``."""
+    passages = load_passages(cfg.agreement_data)
+    prompts = agreement_prompts(
+        passages, tokenizer, cfg.agreement_prompt_tokens, cfg.max_examples_per_task
+    )
+    verify = None
+    if cfg.verify:
+        verify = _decode_cfg(cfg, _verify_threshold(cfg), 1, verify=True)
+    with progress_bar(f"ar_agreement on {len(prompts)} held-out prompts", total=1) as bar:
+        out = score_agreement(
+            model, tokenizer, prompts, _decode_cfg(cfg, cfg.threshold, cfg.batch_size), verify
+        )
+        bar.update()
+    return out
+
+
 def _speed(
     model, prompt_ids: list[list[int]], cfg: EvalConfig, eos: int, verify: bool = False
 ) -> dict | None:
@@ -316,6 +335,10 @@ def evaluate(
             scores.append(_multiple_choice(model, tokenizer, cfg, task))
         if suite is not None:
             scores.extend(_lm_eval_tasks(model, tokenizer, cfg, suite))
+        agreement = None
+        if tasks.of_kind(cfg.tasks, tasks.AgreementTask):
+            row, agreement = _agreement(model, tokenizer, cfg)
+            scores.append(row)
         for task in tasks.of_kind(cfg.tasks, tasks.PerplexityTask):
             scores.append(_perplexity(model, tokenizer, cfg, task))
         sweep = _sweep_rows(scores, runs, cfg)
@@ -339,6 +362,8 @@ def evaluate(
         wall_s=time.perf_counter() - t0,
         verified=verified,
     )
+    if agreement is not None:
+        report["ar_agreement"] = agreement
     paths = write_report(report, Path(out_dir))
     log_report(report, paths, logger, step)
     return report

@@ -51,6 +51,8 @@ class TaskScore:
     twotower: float
     higher_is_better: bool = True
     n: int = 0
+    # counted in the summary ratios (ar_agreement is reported beside them, not in them)
+    in_summary: bool = True
     extra: dict = field(default_factory=dict)
 
     @property
@@ -72,7 +74,7 @@ def _means(counted: list[TaskScore]) -> tuple[float, float]:
 def retained_ratios(scores: list[TaskScore]) -> tuple[float | None, float | None]:
     """(ratio of averages, mean of ratios) over the higher-is-better tasks; a task whose
     backbone scores 0 has no ratio and is left out of the mean of ratios."""
-    counted = [s for s in scores if s.higher_is_better]
+    counted = [s for s in scores if s.higher_is_better and s.in_summary]
     if not counted:
         return None, None
     two, back = _means(counted)
@@ -97,7 +99,7 @@ def wilson_interval(p: float, n: int, z: float = Z95) -> tuple[float, float] | N
 def retained_interval(scores: list[TaskScore], z: float = Z95) -> tuple[float, float] | None:
     """Delta-method 95% interval of the ratio of averages (module docstring); None when a
     counted task has no sample size or the backbone's mean is 0."""
-    counted = [s for s in scores if s.higher_is_better]
+    counted = [s for s in scores if s.higher_is_better and s.in_summary]
     if not counted or any(s.n <= 0 for s in counted):
         return None
     k = len(counted)
@@ -150,14 +152,14 @@ def build_report(
                 "twotower": s.twotower,
                 "retained": s.retained,
                 "higher_is_better": s.higher_is_better,
-                "in_retained": s.higher_is_better,
+                "in_retained": s.higher_is_better and s.in_summary,
                 "n": s.n,
                 **_intervals(s),
                 **s.extra,
             }
             for s in scores
         ],
-        "retained_tasks": [s.name for s in scores if s.higher_is_better],
+        "retained_tasks": [s.name for s in scores if s.higher_is_better and s.in_summary],
         **decode,
         "sweep": sweep,
         "speed": speed,
@@ -253,6 +255,23 @@ def report_markdown(report: dict) -> str:
             f"accepted drafted tokens per step: {_fmt(verified['mean_accepted'])}",
             f"- **speed vs AR** (batch 1, same prompts): {_fmt(verified['speedup_vs_ar'])}x",
         ]
+    agreement = report.get("ar_agreement")
+    if agreement:
+        lines += [
+            "",
+            "## AR agreement (held-out text; share of the backbone's first 64 greedy tokens "
+            "reproduced at the same position)",
+            "",
+            "| decoding | threshold | agreement | tokens / forward | positions |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for mode in ("diffusion", "verified"):
+            row = agreement.get(mode)
+            if row:
+                lines.append(
+                    f"| {mode} | {row['threshold']} | {_fmt(row['agreement'])} | "
+                    f"{_fmt(row['tokens_per_forward'])} | {row['positions']} |"
+                )
     if report["sweep"]:
         lines += [
             "",

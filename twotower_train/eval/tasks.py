@@ -26,7 +26,11 @@ import torch
 
 from twotower_train.errors import TwoTowerError
 
-BUILTIN_TASK_MODULES = ("twotower_train.eval.tiny_world_tasks", "twotower_train.eval.lm_eval_suite")
+BUILTIN_TASK_MODULES = (
+    "twotower_train.eval.tiny_world_tasks",
+    "twotower_train.eval.lm_eval_suite",
+    "twotower_train.eval.agreement",
+)
 
 
 class UnknownTask(TwoTowerError, ValueError):
@@ -60,7 +64,16 @@ class LMEvalTask:
     metric: str = "acc"  # the lm-eval metric the report quotes
 
 
-Task = GenerationTask | PerplexityTask | ChoiceTask | LMEvalTask
+@dataclass(frozen=True)
+class AgreementTask:
+    """Agreement of the two-tower decoding modes with the backbone's greedy output on
+    held-out text (``eval/agreement.py``); reported beside the summary, not in it."""
+
+    name: str
+    metric: str = "agreement with AR greedy (first 64 tokens)"
+
+
+Task = GenerationTask | PerplexityTask | ChoiceTask | LMEvalTask | AgreementTask
 _REGISTRY: dict[str, Task] = {}
 _builtins_loaded = False
 

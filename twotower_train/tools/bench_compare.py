@@ -43,7 +43,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def extract_ref(ref: str, into: Path) -> None:
     """``twotower_train/`` of ``ref`` as ``into/twotower_train_ref`` with its own imports renamed."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]  # the checkout (this file: tools/ of the package)
     archive = into / "ref.tar"
     try:
         subprocess.run(
