@@ -51,6 +51,7 @@ def test_bf16_zero2_trains(tmp_path: Path) -> None:
         tmp_path,
         "deepspeed=zero2",
         "precision=bf16",
+        "precision.cpu_bf16=on",  # bf16 even on a CPU without native bf16 matmuls
         "train.steps=12",
         "train.log_every=1",
         "optim.lr=3e-3",

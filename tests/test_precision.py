@@ -426,3 +426,23 @@ def test_real_te_fp8_activation_checkpointing_matches_the_plain_step() -> None:
     assert grads[0].keys() == grads[1].keys()
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-2, atol=1e-3, msg=k)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_trains_in_fp32(monkeypatch) -> None:
+    from twotower_train.config import compose
+    from twotower_train.engine import precision as prec
+
+    assert prec.cpu_has_native_bf16("flags : fpu avx2 avx512f avx512_bf16 amx_tile")
+    assert prec.cpu_has_native_bf16("flags : fpu avx2 amx_bf16")
+    assert not prec.cpu_has_native_bf16("flags : fpu avx2 avx512f")
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(prec, "cpu_has_native_bf16", lambda: False)
+    dtype, note = prec.effective_dtype(compose(["precision=bf16"]).precision, cpu)
+    assert dtype.value == "fp32" and "precision.cpu_bf16=on" in note and "\n" not in note
+    kept = compose(["precision=bf16", "precision.cpu_bf16=on"]).precision
+    assert prec.effective_dtype(kept, cpu) == (kept.dtype, None)
+    fp32 = compose(["precision=fp32"]).precision
+    assert prec.effective_dtype(fp32, cpu) == (fp32.dtype, None)
+    monkeypatch.setattr(prec, "cpu_has_native_bf16", lambda: True)
+    bf16 = compose(["precision=bf16"]).precision
+    assert prec.effective_dtype(bf16, cpu) == (bf16.dtype, None)

@@ -358,10 +358,19 @@ class FP8Recipe(str, Enum):
     mxfp8 = "mxfp8"  # MXFP8 block scaling (te only; Blackwell)
 
 
+class CpuBf16(str, Enum):
+    # bf16 on a CPU without native bf16 matmuls (AVX-512 BF16 or AMX) runs a scalar
+    # fallback 10-30x slower than fp32: there `auto` trains in fp32 and says so at start.
+    auto = "auto"
+    on = "on"  # bf16 wherever asked, however slow
+
+
 @dataclass
 class PrecisionConfig:
     # Parameter / compute dtype of the engine: bf16 (fp32 master weights) or fp32.
     dtype: DType = DType.bf16
+    # What precision.dtype=bf16 means on a CPU that has no native bf16 matmuls.
+    cpu_bf16: CpuBf16 = CpuBf16.auto
     # Which linear layers the denoiser runs (docs/training.md, "Precision").
     backend: PrecisionBackend = PrecisionBackend.torch
     # FP8 matmuls in the denoiser's linears (backend te or torchao); refused where the GPU

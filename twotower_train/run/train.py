@@ -12,6 +12,7 @@ a failure there costs no training; a rerun of a finished run redoes what is miss
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import resource
@@ -55,7 +56,12 @@ from twotower_train.engine.distributed import (
     init_distributed,
 )
 from twotower_train.engine.mfu import device_peak_tflops, mfu, training_flops_per_sequence
-from twotower_train.engine.precision import PrecisionPlan, apply_precision, plan_precision
+from twotower_train.engine.precision import (
+    PrecisionPlan,
+    apply_precision,
+    effective_dtype,
+    plan_precision,
+)
 from twotower_train.engine.slurm import (
     SlurmJob,
     check_restart_count,
@@ -222,9 +228,15 @@ def setup(cfg: Config, run_dir: Path | None) -> Run:
     ``run_dir.py``), write ``config.yaml``, resume from its latest checkpoint, log to
     ``metrics.jsonl``; None: nothing is written."""
     env = init_distributed(timeout_s=cfg.run.dist_timeout_s)
+    device = device_for(env)
+    # The dtype this machine trains in (bf16 on a CPU without native bf16 runs fp32).
+    dtype, dtype_note = effective_dtype(cfg.precision, device)
+    if dtype != cfg.precision.dtype:
+        cfg = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, dtype=dtype))
+        if env.is_main:
+            info(dtype_note)
     # Before anything is built or written: a rerun that trains differently is refused here.
     folder = prepare_run_dir(cfg, run_dir) if run_dir is not None else None
-    device = device_for(env)
     # What this machine runs for `precision`: FP8 it cannot run stops here, before any work.
     precision = plan_precision(cfg.precision, device)
     if precision.note and env.is_main:
