@@ -10,8 +10,8 @@ import torch
 from test_data import data_cfg, jsonl_source, make_loader, write_jsonl
 from tiny_models import tiny_backbone
 
-from twotower_train.tools import distill_data
 from twotower_train.tiny_world import load_tokenizer
+from twotower_train.tools import distill_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

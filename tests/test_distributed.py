@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import TINY, losses, run_torchrun
 
-from twotower_train.config import compose
 from twotower_train.backbones import load_release
+from twotower_train.config import compose
 from twotower_train.run.train import train
 
 TWO_TOWER = [

@@ -9,6 +9,7 @@ import torch
 from tiny_models import tiny_backbone
 
 from twotower_train.eval import likelihood, tasks
+from twotower_train.eval import tiny_world_tasks as tiny_tasks
 from twotower_train.eval.harness import EvalConfig, evaluate
 from twotower_train.eval.report import (
     REPORT_KEYS,
@@ -21,7 +22,6 @@ from twotower_train.eval.report import (
 )
 from twotower_train.model import TwoTowerModel
 from twotower_train.tiny_world import TASKS, load_test_tasks, load_tokenizer
-from twotower_train.eval import tiny_world_tasks as tiny_tasks
 
 MASK, BS = 2, 4
 
