@@ -435,3 +435,24 @@ def test_ar_agreement_in_the_report(model, tokenizer, tmp_path):
     assert agree["diffusion"]["positions"] == agree["verified"]["positions"] > 0
     assert agree["diffusion"]["agreement"] == row["twotower"]
     assert "AR agreement" in (tmp_path / "report.md").read_text()
+
+
+def test_agreement_alone_gives_speed_and_verified_figures(model, tokenizer, tmp_path):
+    """A suite without generation tasks (real benchmarks are log-likelihood): tokens per
+    forward, speed and the verified mode come from the held-out agreement prompts."""
+    cfg = EvalConfig(
+        tasks=["tiny_world_mc", "ar_agreement"],
+        max_examples_per_task=2,
+        threshold_sweep=[],
+        speed_examples=2,
+        batch_size=8,
+        verify=True,
+        agreement_prompt_tokens=12,
+    )
+    report = evaluate(model, tokenizer, cfg, tmp_path)
+    assert report["tokens_per_forward"] == report["ar_agreement"]["diffusion"]["tokens_per_forward"]
+    assert report["speedup_vs_ar"] > 0 and report["speed"]["examples"] == 2
+    verified = report["verified"]
+    assert verified["retained"] == 1.0 and verified["tokens_per_step"] >= 1.0
+    assert verified["speedup_vs_ar"] > 0
+    assert "not in the summary ratios" in (tmp_path / "report.md").read_text()

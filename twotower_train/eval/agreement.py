@@ -108,6 +108,8 @@ def score_agreement(
             "matches": matches,
             "positions": positions,
             "tokens_per_forward": stats.tokens_per_forward,
+            "tokens_per_step": stats.tokens_per_step,
+            "mean_accepted": stats.mean_accepted,
             "threshold": cfg.threshold,
         }
     share = out["diffusion"]["agreement"] or 0.0

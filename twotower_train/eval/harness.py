@@ -201,7 +201,7 @@ def _lm_eval_tasks(
         )
 
 
-def _agreement(model, tokenizer, cfg: EvalConfig) -> tuple[TaskScore, dict]:
+def _agreement(model, tokenizer, cfg: EvalConfig) -> tuple[TaskScore, dict, list[list[int]]]:
     """AR agreement on held-out text (``eval/agreement.py``) at the main threshold, and of
     the verified mode with ``eval.verify``."""
     passages = load_passages(cfg.agreement_data)
@@ -212,11 +212,31 @@ def _agreement(model, tokenizer, cfg: EvalConfig) -> tuple[TaskScore, dict]:
     if cfg.verify:
         verify = _decode_cfg(cfg, _verify_threshold(cfg), 1, verify=True)
     with progress_bar(f"ar_agreement on {len(prompts)} held-out prompts", total=1) as bar:
-        out = score_agreement(
+        row, out = score_agreement(
             model, tokenizer, prompts, _decode_cfg(cfg, cfg.threshold, cfg.batch_size), verify
         )
         bar.update()
-    return out
+    return row, out, prompts
+
+
+def _verified_on_text(model, cfg: EvalConfig, agreement: dict, prompts, eos: int) -> dict:
+    """Verified decoding where the suite has no generation task: its agreement with AR on
+    the held-out prompts (1 by construction), tokens per step, and batch-1 speed vs AR."""
+    row = agreement["verified"]
+    speed = _speed(model, prompts, cfg, eos, verify=True)
+    speedup = None
+    if speed and speed["ar"]["tokens_per_s"] > 0:
+        speedup = speed["diffusion"]["tokens_per_s"] / speed["ar"]["tokens_per_s"]
+    return {
+        "retained": row["agreement"],
+        "tokens_per_step": row["tokens_per_step"],
+        "mean_accepted": row["mean_accepted"],
+        "speedup_vs_ar": speedup,
+        "tokens_per_forward": row["tokens_per_forward"],
+        "threshold": row["threshold"],
+        "tasks": {"ar_agreement": row["agreement"]},
+        "speed": speed,
+    }
 
 
 def _speed(
@@ -337,16 +357,25 @@ def evaluate(
             scores.extend(_lm_eval_tasks(model, tokenizer, cfg, suite))
         agreement = None
         if tasks.of_kind(cfg.tasks, tasks.AgreementTask):
-            row, agreement = _agreement(model, tokenizer, cfg)
+            row, agreement, held_out = _agreement(model, tokenizer, cfg)
             scores.append(row)
+            if not gen_tasks:  # speed and verified decoding on the held-out prompts
+                eos = tokenizer.eos_token_id
+                if cfg.speed_examples > 0:
+                    speed = _speed(model, held_out, cfg, eos)
+                if cfg.verify:
+                    verified = _verified_on_text(model, cfg, agreement, held_out, eos)
         for task in tasks.of_kind(cfg.tasks, tasks.PerplexityTask):
             scores.append(_perplexity(model, tokenizer, cfg, task))
         sweep = _sweep_rows(scores, runs, cfg)
     finally:
         model.train(was_training)
+    tokens_per_forward = runs[cfg.threshold][1].tokens_per_forward if runs else None
+    if tokens_per_forward is None and agreement is not None:
+        tokens_per_forward = agreement["diffusion"]["tokens_per_forward"]
     report = build_report(
         scores,
-        tokens_per_forward=runs[cfg.threshold][1].tokens_per_forward if runs else None,
+        tokens_per_forward=tokens_per_forward,
         speed=speed,
         sweep=sweep,
         decode={

@@ -221,7 +221,8 @@ def report_markdown(report: dict) -> str:
     steps = report.get("steps_per_block")
     lines += [
         "",
-        "\\* lower is better; retained = backbone / two-tower; not in the summary ratios.",
+        "\\* not in the summary ratios (perplexity: lower is better, retained = backbone / "
+        "two-tower; ar_agreement: reported beside them).",
         "Brackets: binomial 95% (Wilson) intervals.",
         *_lm_eval_note(report["tasks"]),
         "",

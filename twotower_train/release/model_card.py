@@ -195,7 +195,8 @@ def _results(report: dict | None, run_info: dict) -> list[str]:
     if footnote:
         lines += [
             "",
-            "\\* not in the summary ratio (lower is better: retained = backbone / two-tower).",
+            "\\* not in the summary ratio (perplexity: lower is better, retained = backbone / "
+            "two-tower; ar_agreement: reported beside it).",
         ]
     n = {t.get("n") for t in report.get("tasks", []) if t.get("n")}
     if n:
