@@ -277,7 +277,8 @@ def multirun(overrides: list[str]) -> int:
         root = Path(given[-1].split("=", 1)[1])
     else:
         recipe = next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")), None)
-        root = Path("sweeps") / f"{recipe or 'default'}_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+        name = Path(recipe).stem if recipe else "default"  # recipe=NAME or recipe=PATH.yaml
+        root = Path("sweeps") / f"{name}_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
     runs = []
     for n, job in enumerate(jobs):
         job = [o for o in job if not o.startswith("run.dir=")] + [f"run.dir={root / str(n)}"]
