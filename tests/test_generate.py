@@ -395,3 +395,32 @@ def test_context_extend_last_only_is_the_last_row(family):
     torch.testing.assert_close(cache.last_logits, full_cache.last_logits)
     for li in full_cache.keys:
         torch.testing.assert_close(cache.keys[li], full_cache.keys[li])
+
+
+def test_draft_policy_backs_off_a_losing_drafter_and_keeps_a_winning_one():
+    from twotower_train.decoding import DraftPolicy
+
+    losing = DraftPolicy(max_cap=7)
+    drafts = 0
+    for _ in range(200):  # each draft round: 1 token in 3 s; each AR step: 1 token in 1 s
+        called = losing.cap() > 0
+        drafts += called
+        losing.update(
+            called,
+            drafted=3 if called else 0,
+            accepted=0,
+            seconds=3.0 if called else 1.0,
+            draft_seconds=2.0,
+        )
+    assert drafts <= 8 and losing._backoff == losing.max_backoff  # probes ever more rarely
+    winning = DraftPolicy(max_cap=7)
+    for _ in range(50):  # each draft round: 6 tokens in 2 s
+        assert winning.cap() > 0
+        winning.update(True, drafted=5, accepted=5, seconds=2.0, draft_seconds=1.0)
+    assert winning.cap() == 7
+    # a rejection shrinks the cap towards what was accepted, a full acceptance grows it
+    winning.update(True, drafted=7, accepted=1, seconds=1.0, draft_seconds=0.5)
+    assert winning.cap() == 3
+    winning.update(True, drafted=3, accepted=3, seconds=1.0, draft_seconds=0.5)
+    assert winning.cap() == 6
+    assert DraftPolicy(max_cap=7, adaptive=False).cap() == 7

@@ -32,6 +32,7 @@ depend on how prompts are grouped (tests: batched == unbatched).
 from __future__ import annotations
 
 import time
+import weakref
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 
@@ -482,7 +483,7 @@ def _verified_row(
     bs = model.block_size
     stop_id = eos_id if cfg.stop_at_eos else None
     device = _device(model)
-    policy = DraftPolicy(max_cap=bs - 1, adaptive=cfg.verify_adaptive)
+    policy = draft_policy(model, max_cap=bs - 1, adaptive=cfg.verify_adaptive)
     carry = int(cache.last_logits[0].argmax())
     while True:
         if stop_id is not None and carry == stop_id:
@@ -555,6 +556,19 @@ def _draft_after(
     return draft
 
 
+# One policy per model (and draft cap / mode): what a row learns of its drafter's worth
+# carries to the next row and the next call, so a drafter that does not pay is probed ever
+# more rarely instead of once at the start of every prompt.
+_POLICIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def draft_policy(model: TwoTowerModel, max_cap: int, adaptive: bool) -> DraftPolicy:
+    """The model's ``DraftPolicy`` for a new row (``DraftPolicy.new_row``)."""
+    policies = _POLICIES.setdefault(model, {})
+    policy = policies.setdefault((max_cap, adaptive), DraftPolicy(max_cap, adaptive=adaptive))
+    return policy.new_row()
+
+
 @dataclass
 class DraftPolicy:
     """How much a verified row drafts: never so much that it decodes slower than AR.
@@ -562,7 +576,7 @@ class DraftPolicy:
     ``cap()`` is the most tokens the next round may draft (0: an AR step, no denoiser
     forward). It halves towards the accepted length when a draft is rejected and doubles
     when one is accepted whole. Rounds are timed: when drafting rounds yield fewer tokens
-    per second than AR steps (measured on the same row), drafting stops and the row decodes
+    per second than AR steps (measured on this model, across rows and calls), drafting stops and it decodes
     as AR; it probes the drafter again after ``backoff`` AR steps, doubling the backoff (up
     to ``max_backoff``) each time the probe loses. The worst case, a drafter that never
     helps, costs one probe per ``max_backoff`` tokens."""
@@ -581,6 +595,12 @@ class DraftPolicy:
     def __post_init__(self) -> None:
         self._cap = self.max_cap
         self._backoff = self.min_backoff
+
+    def new_row(self) -> DraftPolicy:
+        """A new sequence: the draft length starts at its cap again; what was learned of
+        the drafter's worth (rates, backoff, AR steps left before the next probe) stays."""
+        self._cap = self.max_cap
+        return self
 
     def cap(self) -> int:
         if not self.adaptive:
