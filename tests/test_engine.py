@@ -193,7 +193,8 @@ def test_incomplete_and_corrupt_checkpoints(tmp_path: Path) -> None:
     # A crash mid-save: the new folder has no COMPLETE marker and `latest` is untouched.
     (ckpts / "step_00000006").mkdir()
     (ckpts / "step_00000006" / "partial").write_text("x")
-    proc = run_cli([*args[:-2], "train.steps=6", "train.ckpt_every=2", f"run.dir={run_dir}"])
+    longer = [*args[:-2], "run.resume=changed"]  # more steps: a training change, on purpose
+    proc = run_cli([*longer, "train.steps=6", "train.ckpt_every=2", f"run.dir={run_dir}"])
     assert proc.returncode == 0, proc.stderr
     assert "resumed at step 4" in proc.stdout
     assert (ckpts / "latest").read_text() == "step_00000006"
@@ -201,7 +202,7 @@ def test_incomplete_and_corrupt_checkpoints(tmp_path: Path) -> None:
     # A corrupt checkpoint is refused with one line naming it.
     for f in (ckpts / "step_00000006").glob("*model_states.pt"):
         f.write_bytes(b"garbage")
-    bad = run_cli([*args[:-2], "train.steps=8", f"run.dir={run_dir}"])
+    bad = run_cli([*longer, "train.steps=8", f"run.dir={run_dir}"])
     assert bad.returncode != 0
     err = [ln for ln in bad.stderr.splitlines() if ln.startswith("twotower_train: error:")]
     assert len(err) == 1 and "step_00000006 is corrupt" in err[0], bad.stderr
@@ -246,7 +247,8 @@ def test_wandb_offline_run_continues_same_id(tmp_path: Path) -> None:
     first = run_cli([*args, "train.steps=2"], WANDB_SILENT="true")
     assert first.returncode == 0, first.stderr
     run_id = (run_dir / "wandb_id.txt").read_text()
-    second = run_cli([*args, "train.steps=3"], WANDB_SILENT="true")
+    # one more step: a training change, resumed on purpose
+    second = run_cli([*args, "train.steps=3", "run.resume=changed"], WANDB_SILENT="true")
     assert second.returncode == 0, second.stderr
     assert (run_dir / "wandb_id.txt").read_text() == run_id
     assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) >= 1

@@ -333,6 +333,7 @@ def test_bench_precision_trains_each_setting_from_the_same_start(capsys) -> None
 
     tt = [o for o in TINY if not o.startswith(("recipe=", "train.objective"))]
     tt += ["train.objective=twotower", "denoiser.block_size=8", "data.val_sequences=0"]
+    tt += ["precision.cpu_bf16=on"]  # bf16 even where this CPU has no native bf16
     argv = ["precision", "--steps", "3", "--warmup", "1", "--settings"]
     assert bench.main([*argv, "fp32", "te_bf16", "--", *tt]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

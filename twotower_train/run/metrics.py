@@ -99,6 +99,13 @@ class MetricsLogger:
             for k, v in values.items():
                 self.wandb.summary[k] = v
 
+    def reopen(self) -> None:
+        """Append to ``metrics.jsonl`` as it is on disk now (after the file was replaced, e.g.
+        truncated to a resumed checkpoint by an atomic rename)."""
+        if self.enabled:
+            self._file.close()
+            self._file = open(self.path, "a")  # noqa: SIM115 -- appends across resumes
+
     def close(self) -> None:
         if not self.enabled:
             return

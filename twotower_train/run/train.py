@@ -334,6 +334,7 @@ def _resume(run: Run) -> None:
         run.loader.load_state_dict(state["data"])
     if run.env.is_main:
         _truncate_metrics(run.run_dir / "metrics.jsonl", run.step)
+        run.logger.reopen()  # the file may have been replaced
 
 
 def train(cfg: Config) -> dict[str, float]:
