@@ -175,3 +175,16 @@ def test_lm_eval_model_device_and_dtype(release: Path) -> None:
     assert proc.stderr.strip().splitlines()[-1] == (
         "twotower_train.eval.lm_eval_adapter: error: dtype 'fp16' is not one of fp32, bf16"
     )
+
+
+def test_mode_eval_scores_the_untrained_copy(tmp_path: Path) -> None:
+    """``eval.release=untrained``: the run's backbone with a fresh copy as denoiser, the
+    baseline before training; the backbone's side is the backbone's own."""
+    from twotower_train.run import evaluate as run_evaluate
+
+    args = ["mode=eval", f"run.dir={tmp_path}", "eval.release=untrained", *SMALL_EVAL]
+    report = run_evaluate.evaluate_run(compose(args))
+    assert [t["name"] for t in report["tasks"]] == ["add", "tiny_world_mc"]
+    assert (tmp_path / "eval" / "report.json").is_file()
+    mc = next(t for t in report["tasks"] if t["name"] == "tiny_world_mc")
+    assert 0.0 <= mc["twotower"] <= 1.0 and mc["backbone"] >= 0.0

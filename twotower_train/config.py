@@ -462,7 +462,8 @@ class EvalConfig:
     # prompt length in tokens; the first 64 generated tokens are compared with AR greedy.
     agreement_data: str | None = None
     agreement_prompt_tokens: int = 32
-    # mode=eval: the release folder to score (null = run.dir/release).
+    # mode=eval: the release folder to score (null = run.dir/release; `untrained` = the
+    # run's backbone with a fresh copy as denoiser: the baseline before training).
     release: str | None = None
     # mode=eval: where the release is scored (null = cuda when available, else cpu; or a torch
     # device: cpu, cuda, cuda:1, mps) and the precision its weights load in. Evaluation at the

@@ -14,7 +14,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from twotower_train.backbones import load_release, release_tokenizer_with_mask
+from twotower_train.backbones import (
+    build_two_tower,
+    load_backbone,
+    load_release,
+    load_tokenizer,
+    release_tokenizer_with_mask,
+)
 from twotower_train.config import Config, EvalConfig, ExportConfig, Objective
 from twotower_train.console import info
 from twotower_train.decoding import DecodeConfig, ar_generate
@@ -26,6 +32,7 @@ from twotower_train.release import save_release
 from twotower_train.release.export import save_hf_model
 from twotower_train.run.metrics import MetricsLogger
 
+UNTRAINED = "untrained"  # eval.release: the backbone with an untrained denoiser copy
 VALIDATE_EXAMPLES = 64  # per generation task, for the answer-block validation metrics
 
 
@@ -96,12 +103,19 @@ def export_trained(
 
 def evaluate_run(cfg: Config) -> dict:
     """``python -m twotower_train mode=eval``: score a released two-tower model (default
-    ``run.dir/release``) against its backbone on ``eval.device`` in ``eval.dtype``; the report
-    goes to ``run.dir/eval/``."""
+    ``run.dir/release``; ``eval.release=untrained``: the run's backbone with a fresh copy as
+    denoiser, the baseline before training) against its backbone on ``eval.device`` in
+    ``eval.dtype``; the report goes to ``run.dir/eval/``."""
     run_dir = Path(cfg.run.dir)
-    release = Path(cfg.eval.release) if cfg.eval.release else run_dir / "release"
     device = resolve_device(cfg.eval.device)  # before loading: a missing GPU fails fast
-    model, tokenizer = load_release(release, dtype=resolve_dtype(cfg.eval.dtype))
+    dtype = resolve_dtype(cfg.eval.dtype)
+    if cfg.eval.release == UNTRAINED:  # the baseline before any training
+        tokenizer = load_tokenizer(cfg.backbone)
+        backbone = load_backbone(cfg.backbone, tokenizer)
+        model = build_two_tower(backbone, tokenizer, cfg.denoiser).eval().to(dtype=dtype)
+    else:
+        release = Path(cfg.eval.release) if cfg.eval.release else run_dir / "release"
+        model, tokenizer = load_release(release, dtype=dtype)
     model = model.to(device)
     run_dir.mkdir(parents=True, exist_ok=True)
     logger = MetricsLogger(run_dir, cfg.logger, total_steps=cfg.train.steps, run_config=asdict(cfg))
