@@ -360,3 +360,23 @@ def test_model_and_diffusion_import_nothing_of_the_run() -> None:
 
 def test_the_cycle_finder_finds_a_cycle() -> None:
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_step_meter_never_syncs_per_micro_step(monkeypatch) -> None:
+    """Metrics are summed on their device; the host reads them once per log step."""
+    import torch
+
+    from twotower_train.run.train import StepMeter
+
+    meter = StepMeter(0)
+    outs = [{"loss": torch.tensor(float(i)), "ce": torch.tensor(2.0 * i)} for i in range(4)]
+
+    def no_sync(self):
+        raise AssertionError("a host sync in StepMeter.add")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "item", no_sync)
+        m.setattr(torch.Tensor, "tolist", no_sync)
+        for out in outs:  # 2 optimizer steps of 2 micro-batches
+            meter.add(out, grad_accum=2)
+    assert meter.means() == {"ce": 3.0, "loss": 1.5}  # (0+1+2+3)/2 per step, over 2 steps

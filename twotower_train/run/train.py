@@ -434,15 +434,26 @@ class StepMeter:
         self.restart_window()
 
     def restart_window(self) -> None:
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor] = {}
         self.steps = 0
         self.t0 = time.perf_counter()
 
     def add(self, out: dict[str, torch.Tensor], grad_accum: int) -> None:
-        """One micro-batch's outputs (averaged over the accumulation steps)."""
+        """One micro-batch's outputs (averaged over the accumulation steps), summed on their
+        device: no host sync per micro-step (``means`` reads them, at log steps only)."""
         for k, v in out.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float().item() / grad_accum
+            v = v.detach().float() / grad_accum
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
         self.steps += 1 / grad_accum
+
+    def means(self) -> dict[str, float]:
+        """The window's mean of each output: one device-to-host copy for all of them."""
+        keys = sorted(self.sums)
+        if not keys:
+            return {}
+        steps = round(self.steps)
+        values = torch.stack([self.sums[k] for k in keys]).div(steps).tolist()
+        return dict(zip(keys, values))
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t_start
@@ -481,8 +492,8 @@ def _precision_text(run: Run) -> str:
 
 def _log_step(run: Run, meter: StepMeter) -> None:
     steps = round(meter.steps)
-    keys = sorted(meter.sums)
-    avg = dict(zip(keys, all_reduce_mean([meter.sums[k] / steps for k in keys], run.device)))
+    local = meter.means()
+    avg = dict(zip(local, all_reduce_mean(list(local.values()), run.device)))
     if not math.isfinite(avg["loss"]):
         raise FloatingPointError(f"loss is {avg['loss']} at step {run.step}")
     grad_norm = run.engine.get_global_grad_norm()
