@@ -35,8 +35,13 @@ def check_assets(cfg: Config) -> None:
     """A backbone or data file inside a packaged asset that is not fetched yet: one line that
     says which command fetches it."""
     paths = [("backbone.name_or_path", cfg.backbone.name_or_path)]
-    paths += [(f"data.sources.{i}.path", s.path) for i, s in enumerate(cfg.data.sources) if s.path]
-    if cfg.eval.agreement_data:
+    if cfg.mode == Mode.plan:  # a plan reads the backbone's config, nothing else
+        paths = paths[:1]
+    elif cfg.mode == Mode.train:
+        paths += [
+            (f"data.sources.{i}.path", s.path) for i, s in enumerate(cfg.data.sources) if s.path
+        ]
+    if cfg.mode != Mode.plan and cfg.eval.agreement_data:
         paths.append(("eval.agreement_data", cfg.eval.agreement_data))
     for key, value in paths:
         hint = missing_hint(value)
