@@ -13,7 +13,6 @@ from tiny_models import tiny_backbone
 from twotower_train.backbones import (
     build_two_tower,
     check_mask_id,
-    load_release,
     release_tokenizer_with_mask,
 )
 from twotower_train.decoding import DecodeConfig, ar_generate, diffusion_generate
@@ -72,7 +71,6 @@ def test_a_release_with_an_added_mask_round_trips(tmp_path: Path) -> None:
     model = added("llama")
     with torch.no_grad():
         model.denoiser.embed.mask_embedding.add_(1.0)  # as after training
-    tokenizer = load_tokenizer()
     save_release(model, None, tmp_path / "release", dtype=torch.float32)
     back = TwoTowerModel.from_release(tmp_path / "release")
     assert isinstance(back.denoiser.embed, AddedMaskEmbedding)
@@ -84,8 +82,6 @@ def test_a_release_with_an_added_mask_round_trips(tmp_path: Path) -> None:
     noisy[:, 4:] = VOCAB
     with torch.no_grad():
         torch.testing.assert_close(back(clean, noisy), model(clean, noisy))
-    assert tokenizer.mask_token_id == 2  # the tiny world's tokenizer kept its own mask
-    assert load_release  # the loader the command line uses reads the same folder
 
 
 def test_decoding_with_an_added_mask_never_emits_it() -> None:

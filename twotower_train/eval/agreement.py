@@ -14,6 +14,7 @@ split of the real text asset) or, when unset, the tiny world's held-out paragrap
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -100,7 +101,7 @@ def score_agreement(
         modes["verified"] = verify
     out = {}
     for mode, cfg in modes.items():
-        cfg = DecodeConfig(**{**cfg.__dict__, "max_new_tokens": LENGTH})
+        cfg = dataclasses.replace(cfg, max_new_tokens=LENGTH)
         outputs, stats = diffusion_generate(model, prompts, cfg, eos)
         matches, positions = agreement(reference, outputs)
         out[mode] = {

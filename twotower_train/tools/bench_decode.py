@@ -60,13 +60,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def _build(args):
     from twotower_train.backbones import load_release, load_two_tower
+    from twotower_train.devices import resolve_device
     from twotower_train.model import TwoTowerConfig
 
     if args.release:
         model, tokenizer = load_release(args.release)
     else:
         model, tokenizer = load_two_tower(args.backbone, TwoTowerConfig(block_size=args.block_size))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(None)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     return model.to(device=device, dtype=dtype).eval(), tokenizer, device
 

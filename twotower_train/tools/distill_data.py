@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from twotower_train.devices import resolve_device
 from twotower_train.errors import TwoTowerError, first_line
 
 TINY_WORLD = "tiny_world"
@@ -159,7 +160,7 @@ def run(args: argparse.Namespace) -> dict:
     records, skipped = read_prompts(input_files(args.input), args.prompt_field, args.limit)
     cfg = BackboneConfig(name_or_path=args.backbone, revision=args.revision)
     tokenizer = load_tokenizer(cfg)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     model = load_backbone(cfg, tokenizer).to(device)
     t0 = time.perf_counter()
     continuations = greedy_continuations(
