@@ -37,19 +37,20 @@ def run(obj, seed: int = 1, **kwargs) -> dict[str, torch.Tensor]:
 
 
 def spy_passes(model) -> dict:
-    """Record the context tower's logits and each denoiser pass's (noisy ids, logits, t)."""
+    """Record the context tower's logits and each denoiser pass's (noisy ids, logits, t).
+    The objective asks for hidden states only (``logits=False``); the spy records the full
+    logits of the same call besides."""
     seen: dict = {"passes": []}
     context_forward, denoise = model.context_forward, model.denoise
 
     def ctx_spy(clean, **kw):
-        out = context_forward(clean, **kw)
-        seen["context"] = out.logits
-        return out
+        seen["context"] = context_forward(clean, **{**kw, "logits": True}).logits
+        return context_forward(clean, **kw)
 
     def den_spy(noisy, ctx_out, t=None, **kw):
-        logits = denoise(noisy, ctx_out, t=t, **kw)
+        logits = denoise(noisy, ctx_out, t=t, **{**kw, "logits": True})
         seen["passes"].append((noisy, logits, t))
-        return logits
+        return denoise(noisy, ctx_out, t=t, **kw)
 
     model.context_forward, model.denoise = ctx_spy, den_spy
     return seen

@@ -54,6 +54,11 @@ class Objective(str, Enum):
     twotower = "twotower"  # block diffusion + AR distillation
 
 
+class LMHead(str, Enum):
+    rows = "rows"  # the LM head on the scored rows only, in chunks (no [B, L, V] logits)
+    full = "full"  # full [B, L, V] fp32 logits of both towers (the reference)
+
+
 class InitMode(str, Enum):
     pretrained = "pretrained"  # load weights (shipped name, local path or hub id)
     scratch = "scratch"  # build from `backbone.config` with fresh weights
@@ -291,6 +296,11 @@ class TrainConfig:
     # Peak dense TFLOP/s of one device for `mfu` (null = a table of known GPUs; on CPU a
     # matmul rate measured at start in precision.dtype).
     peak_tflops: float | None = None
+    # Where the losses read logits: `rows` runs the LM head only on the positions a loss
+    # scores (and the teacher rows KD reads), lm_head_chunk rows at a time with the chunk's
+    # logits recomputed in the backward; `full` materialises [B, L, V] for both towers.
+    lm_head: LMHead = LMHead.rows
+    lm_head_chunk: int = 0  # rows per chunk; 0 = as many as fit 64 MiB of fp32 logits
 
 
 @dataclass
@@ -856,6 +866,8 @@ def check_precision(p: PrecisionConfig, t: TrainConfig) -> None:
         )
     if t.peak_tflops is not None and t.peak_tflops <= 0:
         raise ConfigError(f"train.peak_tflops must be > 0, got {t.peak_tflops}")
+    if t.lm_head_chunk < 0:
+        raise ConfigError(f"train.lm_head_chunk must be >= 0, got {t.lm_head_chunk}")
 
 
 def batch_arithmetic(train: TrainConfig, world_size: int) -> tuple[int, int]:

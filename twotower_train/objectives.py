@@ -7,6 +7,8 @@ what was trained is the run's business (``run/evaluate.py``), not the objective'
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,31 +16,63 @@ from torch import nn
 from twotower_train.config import DiffusionConfig, DistillConfig
 from twotower_train.diffusion import (
     after_eos_targets,
+    ce_weights,
     diffusion_ce,
     distillation_kl,
     expand_blocks,
+    kd_weights,
+    kl_per_row,
+    loss_token_count,
     mask_prob,
     mask_tokens,
     sample_t,
     shift_teacher_logits,
 )
+from twotower_train.model.head import Rows, chunk_rows, chunked_sums, decoder_hidden, head_vocab
+from twotower_train.model.head import lm_logits as hf_lm_logits
 from twotower_train.model.masks import block_document_ids
+
+# How a loss gets its logits: "rows" runs the LM head on the scored rows only, a chunk at a
+# time (never a [B, L, V] tensor); "full" on every position (the plain reference).
+LM_HEAD_MODES = ("rows", "full")
+
+
+def _check_lm_head(mode: str) -> str:
+    if mode not in LM_HEAD_MODES:
+        raise ValueError(f"lm_head must be one of {LM_HEAD_MODES}, got {mode!r}")
+    return mode
 
 
 class CausalLMObjective(nn.Module):
     """Next-token cross-entropy, for pretraining or fine-tuning an AR backbone."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, *, lm_head: str = "rows", chunk: int = 0):
         super().__init__()
         self.model = model
+        self.lm_head = _check_lm_head(lm_head)
+        self.chunk = chunk  # rows per LM-head chunk (0 = a 64 MiB fp32 chunk)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """input_ids [B, L] -> {"loss": mean next-token CE over positions with loss}."""
         ids = batch["input_ids"]
-        logits = self.model(input_ids=ids).logits  # [B, L, V]
-        targets = ids[:, 1:].masked_fill(~batch["loss_mask"][:, 1:], -100)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten())
-        return {"loss": loss}
+        has_target = batch["loss_mask"][:, 1:]
+        if self.lm_head == "full":
+            logits = self.model(input_ids=ids).logits  # [B, L, V]
+            targets = ids[:, 1:].masked_fill(~has_target, -100)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten())
+            return {"loss": loss}
+        hidden = decoder_hidden(self.model, ids, None)[:, :-1]  # position p predicts p + 1
+        flat = has_target.flatten().nonzero()[:, 0]
+        rows = Rows(hidden.flatten(0, 1)[flat], lambda h: hf_lm_logits(self.model, h))
+        targets = ids[:, 1:].flatten()[flat]
+
+        def ce_sum(start: int, stop: int, target: torch.Tensor) -> tuple[torch.Tensor]:
+            logits = rows.logits(slice(start, stop))
+            return (F.cross_entropy(logits, target, reduction="sum"),)
+
+        chunk = chunk_rows(head_vocab(self.model), self.chunk)
+        (total,) = chunked_sums(ce_sum, len(rows), chunk, targets)
+        return {"loss": total / max(len(rows), 1)}
 
 
 def _token_mean(values: list[torch.Tensor], counts: list[torch.Tensor]) -> torch.Tensor:
@@ -66,8 +100,12 @@ class TwoTowerObjective(nn.Module):
         *,
         doc_mask: bool = True,
         eos_id: int | None = None,
+        lm_head: str = "rows",
+        chunk: int = 0,
     ):
         super().__init__()
+        self.lm_head = _check_lm_head(lm_head)
+        self.chunk = chunk  # rows per LM-head chunk (0 = a 64 MiB fp32 chunk)
         self.model = model
         self.mask_id = model.config.mask_token_id
         self.time_conditioning = model.config.time_conditioning
@@ -132,58 +170,155 @@ class TwoTowerObjective(nn.Module):
             comp = maskable & ~masked
             noisy_c = torch.where(comp, torch.full_like(ids, self.mask_id), ids)
             passes.append((noisy_c, comp & scored, None if rate is None else 1.0 - rate))
-        ctx_out = self.model.context_forward(clean, doc_ids=doc_ids, block_size=bs)
-        t_tok = expand_blocks(t, bs)
-        teacher = valid = None
-        if self.distill.weight > 0:
-            teacher, valid = shift_teacher_logits(ctx_out.logits)
-            valid = valid & in_block_doc  # the teacher reads the real next document
-        ces, kds, n_ce, n_kd = [], [], [], []
-        correct = plain_sum = torch.zeros((), device=ids.device)
-        for noisy_p, masked_p, rate_p in passes:
-            logits = self.model.denoise(noisy_p, ctx_out, t=rate_p, doc_ids=doc_ids, block_size=bs)
-            ces.append(
-                diffusion_ce(
-                    logits,
-                    ids,
-                    masked_p,
-                    t_tok=t_tok,
-                    weighting=d.weighting.value,
-                    schedule=d.schedule.value,
-                    num_loss_tokens=scored.sum(),
-                )
-            )
-            n_ce.append(masked_p.sum())
-            if teacher is not None:
-                kd_mask = masked_p & valid
-                kds.append(
-                    distillation_kl(
-                        logits,
-                        teacher,
-                        kd_mask,
-                        temperature=self.distill.temperature,
-                        direction=self.distill.direction.value,
-                        t_tok=t_tok,
-                        t_weighting=self.distill.t_weighting.value,
-                    )
-                )
-                n_kd.append(kd_mask.sum())
-            with torch.no_grad():
-                correct = correct + ((logits.argmax(-1) == ids) & masked_p).sum()
-                # plain mean CE over masked tokens, whatever the training weighting
-                plain = (
-                    ces[-1] if d.weighting.value == "none" else diffusion_ce(logits, ids, masked_p)
-                )
-                plain_sum = plain_sum + plain.detach() * n_ce[-1]
+        kd_valid = None
+        if self.distill.weight > 0:  # no teacher at p = 0; it reads the real next document
+            kd_valid = torch.ones_like(in_block_doc)
+            kd_valid[:, 0] = False
+            kd_valid = kd_valid & in_block_doc
+        step = _Step(clean, ids, doc_ids, bs, expand_blocks(t, bs), scored.sum(), kd_valid)
+        if self.lm_head == "full":
+            sums = self._full_logits(step, passes)
+        else:
+            sums = self._scored_rows(step, passes)
+        ces = [s.ce for s in sums]
+        n_ce = [s.n_ce for s in sums]
         ce = _token_mean(ces, n_ce)
         out = {"ce": ce.detach()}
         loss = ce
-        if teacher is not None:
-            kd = _token_mean(kds, n_kd)
+        if kd_valid is not None:
+            kd = _token_mean([s.kd for s in sums], [s.n_kd for s in sums])
             loss = ce + self.distill.weight * kd
             out["kd"] = kd.detach()
         n_masked = sum(n_ce).clamp(min=1)
-        out["masked_acc"] = correct.float() / n_masked
-        out["masked_ce"] = plain_sum / n_masked
+        out["masked_acc"] = sum(s.correct for s in sums).float() / n_masked
+        out["masked_ce"] = sum(s.plain_ce_sum for s in sums) / n_masked
         out["loss"] = loss
         return out
+
+    def _scored_rows(self, step: _Step, passes) -> list[_PassSums]:
+        """Each pass's losses with the LM heads run on the scored rows only, in chunks."""
+        d, kd_on = self.diffusion, step.kd_valid is not None
+        ctx_out = self.model.context_forward(
+            step.clean,
+            doc_ids=step.doc_ids,
+            block_size=step.bs,
+            logits=False,
+        )
+        out = []
+        for noisy_p, masked_p, rate_p in passes:
+            hidden = self.model.denoise(
+                noisy_p, ctx_out, t=rate_p, doc_ids=step.doc_ids, block_size=step.bs, logits=False
+            )
+            flat = masked_p.flatten().nonzero()[:, 0]  # [N] scored positions
+            targets = step.ids.flatten()[flat]
+            t_rows = step.t_tok.flatten()[flat]
+            ce_w = ce_weights(t_rows, d.weighting.value, d.schedule.value)
+            kd_w = torch.zeros_like(ce_w)
+            teacher = None
+            if kd_on:
+                teacher = self.model.teacher_rows(ctx_out, flat)
+                kd_w = kd_weights(t_rows, self.distill.t_weighting.value, len(flat), flat.device)
+                kd_w = kd_w * step.kd_valid.flatten()[flat]
+            total = None
+            for which, rows in self.model.loss_rows(hidden, ctx_out, flat, step.bs):
+                part = self._row_sums(rows, teacher, which, targets, ce_w, kd_w)
+                total = part if total is None else tuple(a + b for a, b in zip(total, part))
+            ce_sum, kd_sum, correct, plain = total
+            n_ce = masked_p.sum()
+            denom = n_ce.clamp(min=1).float()
+            if d.weighting.value == "elbo":
+                denom = loss_token_count(step.num_loss_tokens, ce_sum.device)
+            n_kd = (masked_p & step.kd_valid).sum() if kd_on else n_ce
+            kd = kd_sum / n_kd.clamp(min=1) * self.distill.temperature**2
+            out.append(_PassSums(ce_sum / denom, n_ce, kd, n_kd, correct, plain))
+        return out
+
+    def _row_sums(self, rows: Rows, teacher: Rows | None, which, targets, ce_w, kd_w):
+        """(weighted CE, weighted KL, correct, plain CE) summed over ``rows``, a chunk of
+        rows at a time; ``which [n]`` places them among the pass's scored rows."""
+        temperature, direction = self.distill.temperature, self.distill.direction.value
+
+        def sums(start: int, stop: int, idx: torch.Tensor):
+            logits = rows.logits(slice(start, stop))
+            target = targets[idx]
+            ce = F.cross_entropy(logits, target, reduction="none")
+            kd = ce.new_zeros(())
+            if teacher is not None:
+                kl = kl_per_row(
+                    logits, teacher.logits(idx), temperature=temperature, direction=direction
+                )
+                kd = (kl * kd_w[idx]).sum()
+            with torch.no_grad():
+                correct = (logits.argmax(-1) == target).sum()
+                plain = ce.detach().sum()
+            return (ce * ce_w[idx]).sum(), kd, correct, plain
+
+        chunk = chunk_rows(head_vocab(self.model.backbone), self.chunk)
+        return chunked_sums(sums, len(rows), chunk, which)
+
+    def _full_logits(self, step: _Step, passes) -> list[_PassSums]:
+        """Each pass's losses from full ``[B, L, V]`` logits of both towers (the reference
+        the scored-rows path is tested against)."""
+        d, kd_on = self.diffusion, step.kd_valid is not None
+        ctx_out = self.model.context_forward(
+            step.clean,
+            doc_ids=step.doc_ids,
+            block_size=step.bs,
+        )
+        teacher = shift_teacher_logits(ctx_out.logits)[0] if kd_on else None
+        out = []
+        for noisy_p, masked_p, rate_p in passes:
+            logits = self.model.denoise(
+                noisy_p, ctx_out, t=rate_p, doc_ids=step.doc_ids, block_size=step.bs
+            )
+            ce = diffusion_ce(
+                logits,
+                step.ids,
+                masked_p,
+                t_tok=step.t_tok,
+                weighting=d.weighting.value,
+                schedule=d.schedule.value,
+                num_loss_tokens=step.num_loss_tokens,
+            )
+            n_ce = masked_p.sum()
+            kd, n_kd = ce.new_zeros(()), n_ce
+            if kd_on:
+                kd_mask = masked_p & step.kd_valid
+                kd = distillation_kl(
+                    logits,
+                    teacher,
+                    kd_mask,
+                    temperature=self.distill.temperature,
+                    direction=self.distill.direction.value,
+                    t_tok=step.t_tok,
+                    t_weighting=self.distill.t_weighting.value,
+                )
+                n_kd = kd_mask.sum()
+            with torch.no_grad():
+                correct = ((logits.argmax(-1) == step.ids) & masked_p).sum()
+                plain = diffusion_ce(logits, step.ids, masked_p).detach() * n_ce
+            out.append(_PassSums(ce, n_ce, kd, n_kd, correct, plain))
+        return out
+
+
+@dataclass
+class _Step:
+    """What every pass of one step shares."""
+
+    clean: torch.Tensor  # [B, L] the clean row (what the context tower reads)
+    ids: torch.Tensor  # [B, L] targets (= the clean row, or its after-EOS variant)
+    doc_ids: torch.Tensor | None
+    bs: int
+    t_tok: torch.Tensor  # [B, L] per-token diffusion time
+    num_loss_tokens: torch.Tensor  # positions that could be masked (the ELBO denominator)
+    kd_valid: torch.Tensor | None  # [B, L] where the AR teacher is read (None: KD off)
+
+
+@dataclass
+class _PassSums:
+    ce: torch.Tensor  # this pass's CE (its mean, or its ELBO estimate)
+    n_ce: torch.Tensor
+    kd: torch.Tensor  # this pass's mean KL (times T^2)
+    n_kd: torch.Tensor
+    correct: torch.Tensor
+    plain_ce_sum: torch.Tensor

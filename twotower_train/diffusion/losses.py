@@ -53,9 +53,45 @@ def diffusion_ce(
     ce = F.cross_entropy(sel_logits, sel_targets, reduction="none")  # [N]
     if weighting == "none":
         return ce.mean()
-    w = elbo_weight(t_tok[masked], schedule)  # [N]
-    denom = torch.as_tensor(num_loss_tokens, dtype=torch.float32, device=ce.device)
-    return (w * ce).sum() / denom.clamp_min(1.0)
+    return (ce_weights(t_tok[masked], "elbo", schedule) * ce).sum() / loss_token_count(
+        num_loss_tokens, ce.device
+    )
+
+
+def ce_weights(t: torch.Tensor, weighting: Weighting, schedule: Schedule) -> torch.Tensor:
+    """Per-token weight of the diffusion CE at times ``t [N]``: 1, or the ELBO's m'(t)/m(t)."""
+    if weighting == "none":
+        return torch.ones_like(t, dtype=torch.float32)
+    return elbo_weight(t, schedule)
+
+
+def loss_token_count(num_loss_tokens: int | torch.Tensor, device) -> torch.Tensor:
+    """The ELBO's fixed denominator as an fp32 scalar, at least 1."""
+    return torch.as_tensor(num_loss_tokens, dtype=torch.float32, device=device).clamp_min(1.0)
+
+
+def kd_weights(t: torch.Tensor | None, t_weighting: TWeighting, n: int, device) -> torch.Tensor:
+    """Per-token weight of the distillation KL at times ``t [N]``: 1, t or 1 - t."""
+    if t_weighting == "t":
+        return t.float()
+    if t_weighting == "1-t":
+        return 1.0 - t.float()
+    return torch.ones(n, device=device)
+
+
+def kl_per_row(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    direction: KDDirection = "forward",
+) -> torch.Tensor:
+    """KL between ``softmax(teacher / T)`` and ``softmax(student / T)`` per row of fp32
+    logits ``[N, V]`` -> ``[N]``, forward ``KL(p || q)`` or reverse ``KL(q || p)``; the
+    teacher is detached (no ``T^2`` factor here)."""
+    log_q = F.log_softmax(student / temperature, dim=-1)
+    log_p = F.log_softmax(teacher.detach() / temperature, dim=-1)
+    return _kl_rows(log_p, log_q) if direction == "forward" else _kl_rows(log_q, log_p)
 
 
 def _kl_rows(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
@@ -115,15 +151,11 @@ def distillation_kl(
         raise ValueError(f"unknown t_weighting {t_weighting!r}; expected 'none', 't' or '1-t'")
     if t_weighting != "none" and t_tok is None:
         raise ValueError(f"t_weighting={t_weighting!r} needs t_tok")
-    student = student_logits[masked].float() / temperature  # [N, V]
+    student = student_logits[masked].float()  # [N, V]
     if student.shape[0] == 0:
         return student.sum()  # 0, still attached to the graph
-    teacher = teacher_logits.detach()[masked].float() / temperature  # [N, V]
-    log_q = F.log_softmax(student, dim=-1)
-    log_p = F.log_softmax(teacher, dim=-1)
-    kl = _kl_rows(log_p, log_q) if direction == "forward" else _kl_rows(log_q, log_p)  # [N]
-    if t_weighting == "t":
-        kl = kl * t_tok[masked].float()
-    elif t_weighting == "1-t":
-        kl = kl * (1.0 - t_tok[masked].float())
+    teacher = teacher_logits[masked].float()  # [N, V]
+    kl = kl_per_row(student, teacher, temperature=temperature, direction=direction)  # [N]
+    t_sel = None if t_tok is None else t_tok[masked]
+    kl = kl * kd_weights(t_sel, t_weighting, kl.shape[0], kl.device)
     return kl.mean() * temperature**2

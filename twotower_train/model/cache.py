@@ -68,10 +68,11 @@ class ContextOutputs:
     conv/SSM state at the START of each block (= end of block n-1; zeros for block 0).
     """
 
-    logits: torch.Tensor  # [B, L, V] fp32
+    logits: torch.Tensor | None  # [B, L, V] fp32; None when only ``hidden`` was asked for
     cache: ContextCache
     conv_windows: dict[int, torch.Tensor] = field(default_factory=dict)
     ssm_init: dict[int, torch.Tensor] = field(default_factory=dict)
+    hidden: torch.Tensor | None = None  # [B, L, H] final hidden states (before the LM head)
 
 
 @dataclass

@@ -17,13 +17,13 @@ rest       the HF modules                              the HF modules (a trainab
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from .cache import ContextCache, ContextOutputs, DenoiserContext
+from .head import decoder_hidden, lm_logits
 from .masks import causal_mask, context_attention_mask, document_positions
 from .registry import (
     ContextRun,
@@ -34,24 +34,6 @@ from .registry import (
     running,
 )
 from .time_conditioning import AdaLNSingle
-
-
-def _hf_logits(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor, last_only: bool):
-    """The HF causal LM's own forward (no HF cache): fp32 logits ``[B, T|1, V]``."""
-    kwargs = {}
-    if last_only and "logits_to_keep" in _forward_params(type(model)):
-        kwargs["logits_to_keep"] = 1
-    logits = model(input_ids=ids, position_ids=positions, use_cache=False, **kwargs).logits
-    return (logits[:, -1:] if last_only else logits).float()
-
-
-_PARAMS: dict[type, frozenset[str]] = {}
-
-
-def _forward_params(cls: type) -> frozenset[str]:
-    if cls not in _PARAMS:
-        _PARAMS[cls] = frozenset(inspect.signature(cls.forward).parameters)
-    return _PARAMS[cls]
 
 
 class ContextTower(nn.Module):
@@ -94,6 +76,10 @@ class ContextTower(nn.Module):
         out.cache.last_logits = out.logits[:, -1]
         return out.cache, out.logits
 
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The backbone's LM head on final hidden states ``[..., H]``: fp32 ``[..., V]``."""
+        return lm_logits(self.backbone, hidden)
+
     def train(self, mode: bool = True) -> ContextTower:
         # Frozen tower: dropout etc. stay off whatever the parent model is set to.
         return super().train(False)
@@ -108,10 +94,13 @@ class ContextTower(nn.Module):
         doc_ids: torch.Tensor | None = None,
         boundaries: bool = False,
         last_only: bool = False,
+        logits: bool = True,
     ) -> ContextOutputs:
         """Read ``ids [B, T]`` after ``cache`` (None = empty).
 
-        Returns logits ``[B, T, V]`` (``[B, 1, V]`` with ``last_only``), the extended cache
+        Returns logits ``[B, T, V]`` (``[B, 1, V]`` with ``last_only``; None with
+        ``logits=False``: ``head_logits`` of the returned hidden states on the rows that
+        are needed), the final hidden states ``[B, T, H]``, the extended cache
         and, with ``boundaries=True`` (only from an empty cache, ``T`` a multiple of
         ``block_size``), each Mamba layer's conv/SSM state at the start of every block.
         ``doc_ids [B, T]`` (empty cache only): no attention / state across document
@@ -141,9 +130,12 @@ class ContextTower(nn.Module):
         if doc_ids is not None:
             hf_positions = document_positions(doc_ids)
         with running(self.backbone, run):
-            logits = _hf_logits(self.backbone, ids, hf_positions, last_only)
+            hidden = decoder_hidden(self.backbone, ids, hf_positions)
         self.last_seen = run.seen
-        return ContextOutputs(logits, run.new, run.conv_windows, run.ssm_init)
+        out = None
+        if logits:
+            out = self.head_logits(hidden[:, -1:] if last_only else hidden)
+        return ContextOutputs(out, run.new, run.conv_windows, run.ssm_init, hidden=hidden)
 
 
 class DenoiserTower(nn.Module):
@@ -213,12 +205,14 @@ class DenoiserTower(nn.Module):
         block_size: int,
         t: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        logits: bool = True,
     ) -> torch.Tensor:
         """``noisy_ids [B, T]`` (``T = nb * bs``, blocks laid out in order) at absolute
         ``positions [1, T]`` (for the masks); ``position_ids [B, T]``: what the model's own
         position code reads (default ``positions``; document-relative with documents);
         ``t [B, T]`` per-token timesteps (time conditioning only). Returns logits
-        ``[B, T, V]`` fp32."""
+        ``[B, T, V]`` fp32, or with ``logits=False`` the final hidden states ``[B, T, H]``
+        (``head_logits`` turns the rows a loss reads into logits)."""
         batch = noisy_ids.shape[0]
         shared = None
         if self.time_cond is not None and t is not None:
@@ -234,4 +228,9 @@ class DenoiserTower(nn.Module):
         if position_ids is None:
             position_ids = positions.expand(batch, -1)
         with running(self.model, run):
-            return _hf_logits(self.model, noisy_ids, position_ids, False)
+            hidden = decoder_hidden(self.model, noisy_ids, position_ids)
+        return self.head_logits(hidden) if logits else hidden
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The denoiser's LM head on final hidden states ``[..., H]``: fp32 ``[..., V]``."""
+        return lm_logits(self.model, hidden)

@@ -20,6 +20,7 @@ from twotower_train.errors import first_line
 from .attention import denoiser_block_mask, flex_available
 from .cache import ContextCache, ContextOutputs, DenoiserContext
 from .config import AttnImpl, TwoTowerConfig
+from .head import Rows, head_vocab
 from .mask_embedding import AddedMaskEmbedding
 from .masks import block_causal_mask_mod, block_document_positions, denoiser_attention_mask
 from .pretrained import ReleaseError, legacy_denoiser_state, read_release
@@ -165,15 +166,19 @@ class TwoTowerModel(nn.Module):
         clean_ids: torch.Tensor,
         doc_ids: torch.Tensor | None = None,
         block_size: int | None = None,
+        logits: bool = True,
     ) -> ContextOutputs:
-        """One no-grad pass of the frozen backbone over ``clean_ids [B, L]``: logits, K/V of
-        every attention layer, Mamba conv/SSM states at every block boundary. ``block_size``:
-        the blocks' size (default the model's; a block-size curriculum trains smaller)."""
+        """One no-grad pass of the frozen backbone over ``clean_ids [B, L]``: final hidden
+        states and (unless ``logits=False``) logits, K/V of every attention layer, Mamba
+        conv/SSM states at every block boundary. ``block_size``: the blocks' size (default
+        the model's; a block-size curriculum trains smaller)."""
         bs = block_size or self.block_size
         batch, length = clean_ids.shape
         if length % bs:
             raise ValueError(f"sequence length {length} is not a multiple of block size {bs}")
-        return self.context(clean_ids, block_size=bs, doc_ids=doc_ids, boundaries=True)
+        return self.context(
+            clean_ids, block_size=bs, doc_ids=doc_ids, boundaries=True, logits=logits
+        )
 
     def denoise(
         self,
@@ -182,10 +187,13 @@ class TwoTowerModel(nn.Module):
         t: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         block_size: int | None = None,
+        logits: bool = True,
     ) -> torch.Tensor:
         """Denoiser one-pass forward over all blocks of ``noisy_ids [B, L]`` given the
         context tower's ``ctx_out`` for the matching clean sequence (computed at the same
-        ``block_size``, default the model's)."""
+        ``block_size``, default the model's): logits ``[B, L, V]`` fp32, or with
+        ``logits=False`` the denoiser's final hidden states ``[B, L, H]``, unshifted
+        (``loss_rows`` reads them)."""
         batch, length = noisy_ids.shape
         bs = block_size or self.block_size
         if ctx_out.cache.length != length:
@@ -210,16 +218,73 @@ class TwoTowerModel(nn.Module):
         positions = torch.arange(length, device=noisy_ids.device)[None]
         position_ids = None if doc_ids is None else block_document_positions(doc_ids, bs)
         t_tok = None if t is None else expand_timesteps(t, batch, length, bs)
-        logits = self.denoiser(
-            noisy_ids, ctx, positions=positions, block_size=bs, t=t_tok, position_ids=position_ids
+        out = self.denoiser(
+            noisy_ids,
+            ctx,
+            positions=positions,
+            block_size=bs,
+            t=t_tok,
+            position_ids=position_ids,
+            logits=logits,
         )
-        if not self.config.shift_logits:
-            return logits
+        if not logits or not self.config.shift_logits:
+            return out
+        logits = out
         # Block n's first position reads the context tower at position n*bs - 1.
-        ctx_prev = ctx_out.logits[:, bs - 1 : length - 1 : bs].to(logits.dtype)  # [B, nb-1, V]
+        if ctx_out.logits is not None:
+            ctx_prev = ctx_out.logits[:, bs - 1 : length - 1 : bs]  # [B, nb-1, V]
+        else:
+            ctx_prev = self.context.head_logits(ctx_out.hidden[:, bs - 1 : length - 1 : bs])
+        ctx_prev = ctx_prev.to(logits.dtype)
         firsts = torch.cat([torch.zeros_like(logits[:, :1]), ctx_prev], dim=1)  # [B, nb, V]
         within = logits.view(batch, length // bs, bs, -1)[:, :, :-1]  # outputs at p-1
         return torch.cat([firsts[:, :, None], within], dim=2).view_as(logits)
+
+    def loss_rows(
+        self,
+        hidden: torch.Tensor,
+        ctx_out: ContextOutputs,
+        flat: torch.Tensor,
+        block_size: int | None = None,
+    ) -> list[tuple[torch.Tensor, Rows]]:
+        """Where the denoiser's logits at flat positions ``flat [N]`` (indices into
+        ``[B * L]``) come from, as ``(which [n], Rows)`` groups covering ``0..N-1``: the
+        same values as ``denoise(...)`` at those positions, with the LM head run on those
+        rows only. ``hidden [B, L, H]``: ``denoise(..., logits=False)``.
+
+        Unshifted, position p is the denoiser's own output at p. Shifted, it is the
+        denoiser's output at p - 1 inside a block, the context tower's at p - 1 for a block's
+        first position, and all-zero logits at position 0 of a row."""
+        head = self.denoiser.head_logits
+        rows = hidden.flatten(0, 1)
+        everything = torch.arange(flat.numel(), device=flat.device)
+        if not self.config.shift_logits:
+            return [(everything, Rows(rows[flat], head))]
+        bs = block_size or self.block_size
+        col = flat % hidden.shape[1]
+        first = col % bs == 0
+        own = (~first).nonzero()[:, 0]
+        from_ctx = (first & (col > 0)).nonzero()[:, 0]
+        zero = (col == 0).nonzero()[:, 0]
+        vocab = head_vocab(self.backbone)
+
+        def zeros(h: torch.Tensor) -> torch.Tensor:
+            return h.new_zeros(h.shape[0], vocab, dtype=torch.float32)
+
+        groups = [(own, Rows(rows[flat[own] - 1], head))]
+        if len(from_ctx):
+            ctx_rows = ctx_out.hidden.flatten(0, 1)[flat[from_ctx] - 1]
+            groups.append((from_ctx, Rows(ctx_rows, self.context.head_logits)))
+        if len(zero):
+            groups.append((zero, Rows(rows[flat[zero]].detach(), zeros)))
+        return groups
+
+    def teacher_rows(self, ctx_out: ContextOutputs, flat: torch.Tensor) -> Rows:
+        """The AR teacher of flat positions ``flat [N]``: the context tower's next-token
+        logits at p - 1 (row 0's own position stands in at p = 0, where there is none)."""
+        length = ctx_out.hidden.shape[1]
+        prev = torch.where(flat % length == 0, flat, flat - 1)
+        return Rows(ctx_out.hidden.flatten(0, 1)[prev], self.context.head_logits)
 
     def _use_flex(self, device: torch.device) -> bool:
         """FlexAttention where it runs: CUDA (compiled), or CPU without autograd (eager; torch

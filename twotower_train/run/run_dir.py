@@ -54,6 +54,8 @@ NOT_TRAINING = (
     "train.time_limit_s",
     "train.stop_after",
     "train.peak_tflops",
+    "train.lm_head",
+    "train.lm_head_chunk",
 )
 
 

@@ -88,14 +88,16 @@ from twotower_train.run.run_dir import prepare_run_dir
 def build_objective(cfg: Config, backbone, tokenizer, clone=copy.deepcopy) -> nn.Module:
     """The objective module of ``cfg.train.objective`` around ``backbone`` (``clone``: how
     the denoiser copies it, ``build_two_tower``)."""
+    head = dict(lm_head=cfg.train.lm_head.value, chunk=cfg.train.lm_head_chunk)
     if cfg.train.objective == Objective.ar:
-        return CausalLMObjective(backbone)
+        return CausalLMObjective(backbone, **head)
     return TwoTowerObjective(
         build_two_tower(backbone, tokenizer, cfg.denoiser, clone),
         cfg.diffusion,
         cfg.distill,
         doc_mask=cfg.data.doc_mask,
         eos_id=tokenizer.eos_token_id,
+        **head,
     )
 
 
