@@ -489,9 +489,114 @@ def run_compare(args: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------------------------------
 
 
+# Published architectures with random weights (``backbone.init=scratch``; tokens from the
+# tiny world's tokenizer): what a step costs at a real shape, no download. ``micro_batch``
+# x ``seq_len``: the shape this CPU measures (override with train.micro_batch_size= and
+# data.seq_len=).
+SHAPES: dict[str, dict] = {
+    "smollm2_135m": dict(  # HuggingFaceTB/SmolLM2-135M
+        config=dict(
+            model_type="llama",
+            hidden_size=576,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            intermediate_size=1536,
+            vocab_size=49152,
+            rope_theta=100000.0,
+            rms_norm_eps=1.0e-5,
+            tie_word_embeddings=True,
+        ),
+        micro_batch=4,
+        seq_len=256,
+    ),
+    "qwen3_0_6b": dict(  # Qwen/Qwen3-0.6B (assets/configs/qwen3_0_6b)
+        config=dict(
+            model_type="qwen3",
+            hidden_size=1024,
+            num_hidden_layers=28,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+            intermediate_size=3072,
+            vocab_size=151936,
+            rope_theta=1000000.0,
+            rms_norm_eps=1.0e-6,
+            tie_word_embeddings=True,
+        ),
+        micro_batch=1,
+        seq_len=512,
+    ),
+    "gemma3_270m": dict(  # google/gemma-3-270m: 5 sliding-window layers to 1 global
+        config=dict(
+            model_type="gemma3_text",
+            hidden_size=640,
+            num_hidden_layers=18,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=256,
+            intermediate_size=2048,
+            vocab_size=262144,
+            sliding_window=512,
+            layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3,
+            query_pre_attn_scalar=256,
+            rope_theta=1000000.0,
+            rms_norm_eps=1.0e-6,
+            tie_word_embeddings=True,
+        ),
+        micro_batch=1,
+        seq_len=512,
+    ),
+}
+
+# ``--compare``: each a process of its own (a process's peak resident set is its own).
+COMPARE_SETTINGS = {
+    "AR fine-tuning, full logits": ["train.objective=ar", "train.lm_head=full"],
+    "two-tower, full logits": ["train.objective=twotower", "train.lm_head=full"],
+    "AR fine-tuning, scored rows": ["train.objective=ar", "train.lm_head=rows"],
+    "two-tower, scored rows": ["train.objective=twotower", "train.lm_head=rows"],
+}
+
+
+def shape_overrides(name: str) -> list[str]:
+    """Config overrides that train ``SHAPES[name]`` from scratch in fp32, ZeRO-0."""
+    if name not in SHAPES:
+        raise ValueError(f"unknown --shape {name!r}; expected one of {', '.join(SHAPES)}")
+    shape = SHAPES[name]
+    out = [
+        "backbone.name_or_path=" + name + "_scratch",
+        "backbone.init=scratch",
+        "deepspeed=zero0",
+        "precision=fp32",
+        "data.val_sequences=0",
+        f"data.seq_len={shape['seq_len']}",
+        f"train.micro_batch_size={shape['micro_batch']}",
+        "train.grad_accum_steps=1",
+        "train.global_batch_size=null",
+        "train.activation_checkpointing=false",
+        "denoiser.block_size=16",
+        "+backbone.config={}",
+    ]
+    for key, value in shape["config"].items():
+        out.append(f"++backbone.config.{key}={json.dumps(value)}")
+    return out
+
+
 def add_memory_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default="qwen3_0_6b_smoke")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps measured")
+    p.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default=None,
+        help="a published architecture with random weights, fp32, ZeRO-0 (on --recipe tiny)",
+    )
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="AR fine-tuning against the two-tower step, full logits against scored rows: "
+        "one process per setting, then a table",
+    )
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
 
 
@@ -535,7 +640,11 @@ def run_memory(args: argparse.Namespace) -> dict:
     from twotower_train.run.plan import estimate, meta_model, model_shape
     from twotower_train.run.train import setup
 
-    cfg = compose([f"recipe={args.recipe}", *args.overrides])
+    if args.compare:
+        return _compare_memory(args)
+    shape = shape_overrides(args.shape) if args.shape else []
+    recipe = "tiny" if args.shape and args.recipe == "qwen3_0_6b_smoke" else args.recipe
+    cfg = compose([f"recipe={recipe}", *shape, *args.overrides])
     before = _proc_status_gib("VmRSS") or 0.0  # libraries, before any model exists
     run = setup(cfg, run_dir=None)
     device = run.device
@@ -562,6 +671,13 @@ def run_memory(args: argparse.Namespace) -> dict:
         "setup_peak_gib": round(setup_peak, 3),
         "step_peak_gib": round(_peak_gib(device), 3),
         "step_s": round(statistics.median(times), 3),
+        "tokens_per_s": round(
+            cfg.data.seq_len
+            * cfg.train.micro_batch_size
+            * run.grad_accum
+            / statistics.median(times),
+            1,
+        ),
         "loss": float(out["loss"].detach()),
     }
     ranks = [mine]
@@ -590,13 +706,51 @@ def run_memory(args: argparse.Namespace) -> dict:
             f"{r['step_s']:.2f} s"
         )
     return {
-        "recipe": args.recipe,
+        "recipe": recipe,
+        "shape": args.shape,
+        "objective": cfg.train.objective.value,
+        "lm_head": cfg.train.lm_head.value,
         "world_size": run.env.world_size,
         "zero_stage": cfg.deepspeed.stage,
         "context_placement": cfg.deepspeed.context_placement.value,
         "plan_gib": round(planned, 3),
         "ranks": ranks,
     }
+
+
+def _compare_memory(args: argparse.Namespace) -> dict:
+    """``bench memory`` once per ``COMPARE_SETTINGS`` entry, each in its own process."""
+    import subprocess
+
+    base = [sys.executable, "-m", "twotower_train.tools.bench", "memory"]
+    base += ["--recipe", args.recipe, "--steps", str(args.steps)]
+    if args.shape:
+        base += ["--shape", args.shape]
+    rows = {}
+    for name, settings in COMPARE_SETTINGS.items():
+        proc = subprocess.run([*base, *args.overrides, *settings], capture_output=True, text=True)
+        if proc.returncode:
+            tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise ValueError(f"bench memory ({name}) failed: {tail}")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        rank = result["ranks"][0]
+        rows[name] = {
+            "step_peak_gib": rank["step_peak_gib"],
+            "above_libraries_gib": round(rank["step_peak_gib"] - rank["libraries_gib"], 3),
+            "tokens_per_s": rank["tokens_per_s"],
+        }
+        _say(
+            f"{name:<28s} peak {rank['step_peak_gib']:6.2f} GiB  "
+            f"{rank['tokens_per_s']:8.1f} tokens/s"
+        )
+    for head in ("full logits", "scored rows"):
+        ar, tt = rows[f"AR fine-tuning, {head}"], rows[f"two-tower, {head}"]
+        _say(
+            f"two-tower / AR, {head}: peak x{tt['step_peak_gib'] / ar['step_peak_gib']:.2f}, "
+            f"tokens/s x{tt['tokens_per_s'] / ar['tokens_per_s']:.2f}"
+        )
+    recipe = "tiny" if args.shape and args.recipe == "qwen3_0_6b_smoke" else args.recipe
+    return {"shape": args.shape, "recipe": recipe, "settings": rows}
 
 
 # ---------------------------------------------------------------------------------------
