@@ -100,7 +100,11 @@ def test_building_partitioned_needs_a_slice_of_the_whole() -> None:
     assert build_bytes(shape, cfg, 2) == 8 * (pd + pc)
     assert build_bytes(shape, cfg, 3) == 2 * (pd + pc) / 4 + 4 * 10**6
     whole = compose(["plan.gpus=4", "deepspeed=zero3", "deepspeed.zero_init=false"])
-    assert build_bytes(shape, whole, 3) == 8 * (pd + pc)
+    assert build_bytes(shape, whole, 3) == 8 * (pd + pc)  # bf16: model + template copy
+    whole_fp32 = compose(
+        ["plan.gpus=4", "deepspeed=zero3", "deepspeed.zero_init=false", "precision=fp32"]
+    )
+    assert build_bytes(shape, whole_fp32, 3) == 4 * (pd + pc)  # fp32: the template is meta
     replicated = compose(
         ["plan.gpus=4", "deepspeed=zero3", "deepspeed.context_placement=replicate"]
     )
@@ -112,6 +116,10 @@ def test_building_partitioned_needs_a_slice_of_the_whole() -> None:
     assert estimate(shape, cpu, 3, False).host == 0
     cpu_whole = compose([*["plan.gpus=4", "plan.device=cpu"], "deepspeed.zero_init=false"])
     assert estimate(shape, cpu_whole, 3, False).host == 4 * (pd + pc)
+    fp32_whole = compose(
+        ["plan.gpus=4", "plan.device=cpu", "deepspeed.zero_init=false", "precision=fp32"]
+    )
+    assert estimate(shape, fp32_whole, 3, False).host == 0  # live weights are exact
 
 
 @pytest.mark.parametrize("model_type", ["qwen3", "llama"])

@@ -50,7 +50,9 @@ def test_a_partitioned_build_trains_like_a_whole_one(extra) -> None:
         )
         params = list(run.objective.parameters())
         assert all(is_partitioned(p) for p in params)  # both end partitioned by DeepSpeed
-        assert next(run.template.parameters()).is_meta == zero_init  # no template copy
+        # no template copy: built partitioned, or trained in fp32 (live weights are exact)
+        assert run.cfg.precision.dtype.value == "fp32"
+        assert next(run.template.parameters()).is_meta
         runs[zero_init] = (run.n_params, run.flops_per_sequence)
         got[zero_init] = _two_steps(run)
         trained = run.trained_model()

@@ -176,6 +176,20 @@ def gathered_state(parts: list[tuple[str, nn.Module]], keep: bool) -> dict[str, 
     return out
 
 
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` on the meta device, made without copying one value: every
+    parameter and buffer is replaced by a meta tensor of its shape and dtype (tied
+    parameters stay tied). ``fill_meta`` makes a real model of it."""
+    memo: dict[int, object] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in memo:
+            meta = torch.empty_like(t, device="meta")
+            if isinstance(t, nn.Parameter):
+                meta = nn.Parameter(meta, requires_grad=t.requires_grad)
+            memo[id(t)] = meta
+    return copy.deepcopy(model, memo)
+
+
 def fill_meta(
     template: nn.Module, parts: list[tuple[str, nn.Module]], state: dict[str, torch.Tensor]
 ) -> nn.Module:

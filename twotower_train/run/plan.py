@@ -27,15 +27,16 @@ parameters, Ψc = frozen (context tower) parameters, N = ``plan.gpus``, w = 2 (b
                     checkpointing each layer keeps its input (w h per token) and one layer
                     at a time is recomputed
     build (host)    built whole (ZeRO 0-2, or ``deepspeed.zero_init=false``), every process
-                    holds the fp32 model and a template copy before ZeRO partitions it:
-                    8 (Ψc + Ψd); built partitioned (ZeRO-3, ``zero_init``, the default),
+                    holds the fp32 model and, training in bf16, a template copy before ZeRO
+                    partitions it: 8 (Ψc + Ψd) (4 (Ψc + Ψd) in fp32); built partitioned (ZeRO-3, ``zero_init``, the default),
                     its partitions w (Ψc + Ψd) / N plus the largest tensor gathered whole
                     while it is copied (a replicated context tower or a scratch backbone:
                     + 4 Ψc, built whole first);
                     printed under the table
-    host (cpu)      ``plan.device=cpu``: the fp32 template copy of the whole model a run
-                    built whole keeps for evaluation and export (4 (Ψc + Ψd)) is in the same
-                    memory (a partitioned build keeps it on the meta device: nothing)
+    host (cpu)      ``plan.device=cpu``: the fp32 template copy of the whole model a bf16
+                    run built whole keeps for evaluation and export (4 (Ψc + Ψd)) is in the
+                    same memory (a partitioned build, or an fp32 run, whose live weights are
+                    exact, keeps it on the meta device: nothing)
 
 Estimates, not measurements: allocator slack, fragmentation and the framework's own
 buffers come on top (docs/recipes.md compares with a measured run).
@@ -322,7 +323,7 @@ def estimate(shape: ModelShape, cfg: Config, stage: int, checkpointing: bool) ->
         buffers = w * (cfg.deepspeed.reduce_bucket_size + cfg.deepspeed.allgather_bucket_size)
     else:
         buffers = 0.0
-    whole_template = not (stage == 3 and cfg.deepspeed.zero_init)
+    whole_template = not (stage == 3 and cfg.deepspeed.zero_init) and w != 4
     host = 4 * (pd + pc) if cfg.plan.device == PlanDevice.cpu and whole_template else 0.0
     return Estimate(
         context=w * pc / (n if shard_context else 1),
@@ -337,14 +338,15 @@ def estimate(shape: ModelShape, cfg: Config, stage: int, checkpointing: bool) ->
 
 def build_bytes(shape: ModelShape, cfg: Config, stage: int) -> float:
     """Host memory per process while a run builds its model (``train.setup``). Built whole:
-    the fp32 backbone, the denoiser's fp32 copy of it and the template copy of both that the
-    run keeps for evaluation and export, before DeepSpeed partitions anything. Built
+    the fp32 backbone, the denoiser's fp32 copy of it and (training in bf16) the template
+    copy of both that the run keeps for evaluation and export, before DeepSpeed partitions
+    anything. Built
     partitioned (ZeRO-3 with ``deepspeed.zero_init``): each tensor's partition from the
     start, one tensor gathered whole at a time, the template on the meta device."""
     pd, pc = shape.trainable, shape.frozen
-    if stage != 3 or not cfg.deepspeed.zero_init:
-        return 2 * 4 * (pd + pc)
     w = cfg.precision.dtype.torch.itemsize
+    if stage != 3 or not cfg.deepspeed.zero_init:
+        return (4 if w == 4 else 8) * (pd + pc)
     replicate = cfg.deepspeed.context_placement == ContextPlacement.replicate
     # built whole first: a replicated context tower, and a scratch backbone (drawn whole)
     whole = replicate or cfg.backbone.init == InitMode.scratch
@@ -397,7 +399,8 @@ def plan_text(cfg: Config, shape: ModelShape | None = None) -> str:
     )
     lines.append(
         f"host RAM per process while building: ZeRO 0-2 {_gib(build_bytes(shape, cfg, 2))} GiB "
-        "(fp32 backbone + denoiser copy + template copy, before ZeRO partitions anything); "
+        "(fp32 backbone + denoiser copy + a bf16 run's template copy, before ZeRO "
+        "partitions anything); "
         f"ZeRO-3 {_gib(build_bytes(shape, cfg, 3))} GiB ({how})"
     )
     lines.append(

@@ -73,6 +73,7 @@ from twotower_train.engine.zero_init import (
     fill_meta,
     full_numel,
     gathered_state,
+    meta_copy,
     tower_parts,
     zero3_construction,
 )
@@ -159,8 +160,9 @@ class Run:
     tokenizer: object
     loader: Loader
     objective: nn.Module  # the module the engine wraps
-    # untrained plain copy of objective.model to load trained weights into (on the meta
-    # device when the model was built partitioned: deepspeed.zero_init)
+    # plain copy of objective.model to load trained weights into: on the meta device (no
+    # memory) when the model was built partitioned or trains in fp32; else a whole fp32
+    # copy, so the frozen tower's weights come back unrounded from a bf16 run
     template: nn.Module
     engine: object
     scheduler: object
@@ -269,7 +271,9 @@ def setup(cfg: Config, run_dir: Path | None) -> Run:
     if folder is not None and env.is_main:
         folder.commit(to_yaml(cfg))
     barrier()
-    if template is None:
+    if template is None and cfg.precision.dtype.torch == torch.float32:
+        template = meta_copy(objective.model).eval()  # the live weights are exact: no copy
+    elif template is None:
         template = copy.deepcopy(objective.model).eval()  # fp32 (context_dtype kept), CPU
     n_params = (
         sum(full_numel(p) for p in objective.parameters() if p.requires_grad),
