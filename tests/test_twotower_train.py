@@ -264,3 +264,41 @@ def test_bench_compare_against_a_git_ref(capsys) -> None:
     assert bench.main(["compare", "--ref", "no-such-ref-x", *small]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("twotower_train.tools.bench: error: cannot extract twotower_train/")
+
+
+@pytest.mark.parametrize(
+    "shape, params, vocab",
+    [
+        ("smollm2_135m", 134.5e6, 49152),
+        ("qwen3_0_6b", 596.0e6, 151936),
+        ("gemma3_270m", 268.1e6, 262144),
+    ],
+)
+def test_bench_memory_shapes_are_the_published_architectures(shape, params, vocab) -> None:
+    """`bench memory --shape` builds the published architecture (random weights): its
+    parameter count and vocabulary, on the meta device here."""
+    from twotower_train.config import compose
+    from twotower_train.run.plan import meta_model
+    from twotower_train.tools.bench import shape_overrides
+
+    model = meta_model(compose(["recipe=tiny", *shape_overrides(shape)]))
+    backbone = model.backbone
+    assert sum(p.numel() for p in backbone.parameters()) == pytest.approx(params, rel=2e-3)
+    assert backbone.get_output_embeddings().weight.shape[0] == vocab
+    with pytest.raises(ValueError, match="unknown --shape"):
+        shape_overrides("no_such_shape")
+
+
+@pytest.mark.slow
+def test_bench_memory_compare_runs_every_setting(capsys) -> None:
+    """`bench memory --compare`: AR and two-tower, full logits and scored rows, one process
+    each, on the tiny recipe."""
+    from twotower_train.tools import bench
+
+    small = ["--recipe", "tiny", "--steps", "1", "data.seq_len=64", "train.micro_batch_size=2"]
+    assert bench.main(["memory", "--compare", *small, "deepspeed=zero0", "precision=fp32"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result["settings"]) == set(bench.COMPARE_SETTINGS)
+    assert all(
+        r["step_peak_gib"] > 0 and r["tokens_per_s"] > 0 for r in result["settings"].values()
+    )

@@ -726,9 +726,12 @@ def _compare_memory(args: argparse.Namespace) -> dict:
     base += ["--recipe", args.recipe, "--steps", str(args.steps)]
     if args.shape:
         base += ["--shape", args.shape]
+    # glibc returns freed tensors to the system: the resident set is the memory in use
+    env = {"MALLOC_MMAP_THRESHOLD_": "65536", **os.environ}
     rows = {}
     for name, settings in COMPARE_SETTINGS.items():
-        proc = subprocess.run([*base, *args.overrides, *settings], capture_output=True, text=True)
+        cmd = [*base, *args.overrides, *settings]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode:
             tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise ValueError(f"bench memory ({name}) failed: {tail}")
