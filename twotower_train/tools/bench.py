@@ -186,6 +186,11 @@ def add_doc_mask_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default="tiny")
     p.add_argument("--steps", type=int, default=20, help="timed steps per setting")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument(
+        "--shape",
+        default=None,
+        help="a published architecture with random weights (as bench memory --shape)",
+    )
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
 
 
@@ -193,7 +198,8 @@ def _objective_run(args: argparse.Namespace):
     from twotower_train.config import compose
     from twotower_train.run.train import setup
 
-    cfg = compose([f"recipe={args.recipe}", *args.overrides, "run.seed=0"])
+    shape = shape_overrides(args.shape) if args.shape else []
+    cfg = compose([f"recipe={args.recipe}", *shape, *args.overrides, "run.seed=0"])
     run = setup(cfg, run_dir=None)
     if not hasattr(run.objective, "doc_mask"):
         raise SystemExit(
