@@ -5,6 +5,7 @@
     doc-mask  two-tower training step time with and without document masking
     precision step time, MFU and loss parity of precision settings (TE / torchao FP8)
     decode    AR vs block-diffusion decoding: tokens/s, tokens per denoiser forward
+    objectives  AR fine-tuning against the two-tower step of the same backbone, in turn
     memory    peak memory per rank (CPU: resident set) at setup and over training steps,
               beside `mode=plan`'s estimate; run it under torchrun for several ranks
 
@@ -263,6 +264,56 @@ def run_doc_mask(args: argparse.Namespace) -> dict:
     _say(f"step without doc mask: {off * 1e3:.1f} ms (median of {args.steps})")
     _say(f"step with doc mask:    {on * 1e3:.1f} ms (median of {args.steps}) -> {cost:+.1%}")
     return {"step_ms_off": off * 1e3, "step_ms_on": on * 1e3, "cost": cost}
+
+
+# ---------------------------------------------------------------------------------------
+# bench objectives
+# ---------------------------------------------------------------------------------------
+
+
+def run_objectives(args: argparse.Namespace) -> dict:
+    """Median optimizer-step time of AR fine-tuning and the two-tower step of the same
+    backbone, built side by side in one process and stepped in turn on the same batches, so
+    load on a shared machine falls on both alike."""
+    import torch
+
+    from twotower_train.config import compose
+    from twotower_train.run.train import setup
+
+    shape = shape_overrides(args.shape) if args.shape else []
+    runs = {}
+    for objective in ("ar", "twotower"):
+        overrides = [*shape, *args.overrides, f"train.objective={objective}", "run.seed=0"]
+        runs[objective] = setup(compose([f"recipe={args.recipe}", *overrides]), run_dir=None)
+    cfg = runs["twotower"].cfg
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(args.warmup + args.steps):
+        batch = {k: v for k, v in runs["ar"].loader.next_batch().items()}
+        for name, run in runs.items():
+            step_batch = {k: v.to(run.device) for k, v in batch.items()}
+            t0 = time.perf_counter()
+            for _ in range(run.grad_accum):
+                out = run.engine(step_batch)
+                run.engine.backward(out["loss"])
+                run.engine.step()
+            if run.device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    tokens = cfg.data.seq_len * cfg.train.micro_batch_size * runs["ar"].grad_accum
+    rates = {name: tokens / statistics.median(t) for name, t in times.items()}
+    _say(
+        f"{args.shape or args.recipe} ({torch.get_num_threads()} threads, lm_head "
+        f"{cfg.train.lm_head.value}): AR fine-tuning {rates['ar']:.1f} tokens/s, two-tower "
+        f"{rates['twotower']:.1f} tokens/s, x{rates['twotower'] / rates['ar']:.2f} "
+        f"(median of {args.steps})"
+    )
+    return {
+        "shape": args.shape,
+        "lm_head": cfg.train.lm_head.value,
+        "tokens_per_s": rates,
+        "ratio": rates["twotower"] / rates["ar"],
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -732,15 +783,26 @@ def _compare_memory(args: argparse.Namespace) -> dict:
     base += ["--recipe", args.recipe, "--steps", str(args.steps)]
     if args.shape:
         base += ["--shape", args.shape]
-    # glibc returns freed tensors to the system: the resident set is the memory in use
+    # glibc returns freed tensors to the system: the resident set is the memory in use.
+    # Each setting is a one-process run of its own: no rendezvous inherited from this one.
+    rendezvous = (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    )
     env = {"MALLOC_MMAP_THRESHOLD_": "65536", **os.environ}
+    for key in rendezvous:
+        env.pop(key, None)
     rows = {}
     for name, settings in COMPARE_SETTINGS.items():
         cmd = [*base, *args.overrides, *settings]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode:
             tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise ValueError(f"bench memory ({name}) failed: {tail}")
+            raise ValueError(f"bench memory ({name}) failed (exit {proc.returncode}): {tail}")
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         rank = result["ranks"][0]
         rows[name] = {
@@ -768,6 +830,11 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "data": ("packed tokens/s of the data loader", add_data_args, run_data),
     "doc-mask": ("step time with and without document masking", add_doc_mask_args, run_doc_mask),
     "levers": ("step time of each training lever (docs/objective.md)", add_levers_args, run_levers),
+    "objectives": (
+        "AR fine-tuning against the two-tower step, stepped in turn in one process",
+        add_doc_mask_args,
+        run_objectives,
+    ),
     "precision": (
         "step time, MFU and loss parity of precision settings (TE, torchao FP8)",
         add_precision_args,
