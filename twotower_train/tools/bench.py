@@ -330,9 +330,13 @@ def _lever_settings(cfg) -> dict[str, Callable]:
 
     base_diffusion, base_distill = copy.deepcopy(cfg.diffusion), copy.deepcopy(cfg.distill)
     bs = cfg.denoiser.block_size
+    base_head = cfg.train.lm_head.value
 
-    def setting(progress: float = 1.0, curriculum=(), distill_weight=None, **diffusion):
+    def setting(
+        progress: float = 1.0, curriculum=(), distill_weight=None, lm_head=None, **diffusion
+    ):
         def switch(objective) -> None:
+            objective.lm_head = lm_head or base_head
             objective.diffusion = copy.deepcopy(base_diffusion)
             objective.distill = copy.deepcopy(base_distill)
             for key, value in diffusion.items():
@@ -349,6 +353,9 @@ def _lever_settings(cfg) -> dict[str, Callable]:
         "suffix_prob=0.5": setting(suffix_prob=0.5),
         "complementary": setting(complementary=True),
         "distill weight 1": setting(distill_weight=1.0),
+        f"lm_head={'full' if base_head == 'rows' else 'rows'}": setting(
+            lm_head="full" if base_head == "rows" else "rows"
+        ),
     }
     for small in (bs // 4, bs // 2):
         if small >= 1 and cfg.data.seq_len % small == 0:
