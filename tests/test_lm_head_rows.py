@@ -179,7 +179,7 @@ def test_chunked_sums_recompute_matches_one_piece():
     torch.testing.assert_close(g_many, g_one)
     empty = chunked_sums(lambda a, b: ((x[a:b] @ w).sum(),), 0, 4)
     assert empty[0].item() == 0 and empty[0].requires_grad
-    assert chunk_rows(262_144) == 64 and chunk_rows(49_152) == 341 and chunk_rows(10, 7) == 7
+    assert chunk_rows(262_144) == 256 and chunk_rows(49_152) == 1365 and chunk_rows(10, 7) == 7
 
 
 def test_lm_head_config_is_checked_and_does_not_block_a_resume():

@@ -300,7 +300,7 @@ class TrainConfig:
     # scores (and the teacher rows KD reads), lm_head_chunk rows at a time with the chunk's
     # logits recomputed in the backward; `full` materialises [B, L, V] for both towers.
     lm_head: LMHead = LMHead.rows
-    lm_head_chunk: int = 0  # rows per chunk; 0 = as many as fit 64 MiB of fp32 logits
+    lm_head_chunk: int = 0  # rows per chunk; 0 = as many as fit 256 MiB of fp32 logits
 
 
 @dataclass

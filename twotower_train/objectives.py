@@ -50,7 +50,7 @@ class CausalLMObjective(nn.Module):
         super().__init__()
         self.model = model
         self.lm_head = _check_lm_head(lm_head)
-        self.chunk = chunk  # rows per LM-head chunk (0 = a 64 MiB fp32 chunk)
+        self.chunk = chunk  # rows per LM-head chunk (0 = a 256 MiB fp32 chunk)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """input_ids [B, L] -> {"loss": mean next-token CE over positions with loss}."""
@@ -105,7 +105,7 @@ class TwoTowerObjective(nn.Module):
     ):
         super().__init__()
         self.lm_head = _check_lm_head(lm_head)
-        self.chunk = chunk  # rows per LM-head chunk (0 = a 64 MiB fp32 chunk)
+        self.chunk = chunk  # rows per LM-head chunk (0 = a 256 MiB fp32 chunk)
         self.model = model
         self.mask_id = model.config.mask_token_id
         self.time_conditioning = model.config.time_conditioning

@@ -21,8 +21,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-# One chunk's fp32 logits at most this many elements (64 MiB) unless told otherwise.
-DEFAULT_CHUNK_ELEMENTS = 16 * 2**20
+# One chunk's fp32 logits at most this many elements (256 MiB) unless told otherwise. Every
+# chunk's backward reads the head and makes a whole [V, H] gradient of it, so a chunk must
+# be wide enough for its logits to outweigh that (a 64-row chunk at V 262,144 does not);
+# 256 MiB keeps a step of a few hundred scored rows in one chunk and still bounds the
+# logits of a real batch (4 x 2048 rows at V 262,144: 8 GiB in one piece).
+DEFAULT_CHUNK_ELEMENTS = 64 * 2**20
 
 
 def decoder_hidden(
