@@ -367,6 +367,21 @@ def test_decode_benchmark_times_every_decoder(release) -> None:
     assert out["prompt_order"] == "tasks"
 
 
+def test_decode_benchmark_against_transformers_own_loop(release) -> None:
+    """--hf-baseline: AR through the framework and transformers' own cached greedy loop on
+    the same backbone decode the same tokens; both are timed."""
+    from twotower_train.tools.bench_decode import run as bench_run
+
+    path, _ = release
+    parser = argparse.ArgumentParser()
+    bench_args(parser)
+    args = ["--release", str(path), "--prompts", "2", "--repeats", "1", "--max-new-tokens", "5"]
+    out = bench_run(parser.parse_args([*args, "--thresholds", "0.9", "--hf-baseline"]))
+    hf = out["transformers_baseline"]
+    assert hf["same_tokens"] is True
+    assert hf["framework_ar_tokens_per_s"] > 0 and hf["transformers_tokens_per_s"] > 0
+
+
 def test_decode_benchmark_takes_the_harness_prompts(release) -> None:
     """--prompt-order round-robin: the harness's speed subset (one prompt per task in turn)."""
     from twotower_train.eval import tasks

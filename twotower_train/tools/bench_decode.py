@@ -51,6 +51,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--prompt-tokens", type=int, default=32, help="with --text")
     p.add_argument(
+        "--hf-baseline",
+        action="store_true",
+        help="also time transformers' own cached greedy loop on the backbone (batch 1, "
+        "alternating with AR through the framework): the framework's overhead",
+    )
+    p.add_argument(
         "--breakdown",
         action="store_true",
         help="where each decoder's time goes: prompt prefill, context-tower extensions, "
@@ -124,6 +130,66 @@ def _breakdown(timer: ForwardTimer, wall: float, tokens: int) -> dict:
         out[f"{kind}_ms_per_call"] = 1e3 * timer.seconds[kind] / calls if calls else 0.0
         out[f"{kind}_calls_per_token"] = calls / max(tokens, 1)
     return out
+
+
+@torch.no_grad()
+def hf_greedy(backbone, prompt: list[int], new_tokens: int, device) -> list[int]:
+    """Transformers' own cached greedy decoding of one prompt (no EOS stop): the backbone's
+    forward with a ``DynamicCache`` and ``logits_to_keep=1``, one token per step."""
+    from transformers import DynamicCache
+
+    ids = torch.tensor([prompt], device=device)
+    cache = DynamicCache(config=backbone.config)
+    out = []
+    for _ in range(new_tokens):
+        logits = backbone(
+            input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1
+        ).logits
+        token = logits[:, -1].argmax(-1)
+        out.append(int(token))
+        ids = token[:, None]
+    return out
+
+
+def _hf_baseline(model, prompts, args, device) -> dict:
+    """AR through the framework against ``hf_greedy``, prompt by prompt, alternating, at
+    batch 1 with no EOS stop: tokens/s of each (median of ``--repeats``) and whether they
+    decoded the same tokens."""
+    from twotower_train.decoding import DecodeConfig, _sync, ar_generate
+
+    cfg = DecodeConfig(max_new_tokens=args.max_new_tokens, batch_size=1, stop_at_eos=False)
+    ours, theirs, same = [], [], True
+    ar_generate(model, prompts[:1], cfg, None)
+    hf_greedy(model.backbone, prompts[0], 2, device)  # warm-up
+    for _ in range(args.repeats):
+        t_ours = t_hf = 0.0
+        for prompt in prompts:
+            _sync(device)
+            t0 = time.perf_counter()
+            got = ar_generate(model, [prompt], cfg, None)[0][0]
+            _sync(device)
+            t_ours += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            ref = hf_greedy(model.backbone, prompt, args.max_new_tokens, device)
+            _sync(device)
+            t_hf += time.perf_counter() - t0
+            same = same and got == ref
+        tokens = len(prompts) * args.max_new_tokens
+        ours.append(tokens / t_ours)
+        theirs.append(tokens / t_hf)
+    row = {
+        "framework_ar_tokens_per_s": statistics.median(ours),
+        "transformers_tokens_per_s": statistics.median(theirs),
+        "same_tokens": same,
+    }
+    row["ratio"] = row["framework_ar_tokens_per_s"] / row["transformers_tokens_per_s"]
+    print(
+        f"[bench] batch 1, AR through the framework {row['framework_ar_tokens_per_s']:.1f} "
+        f"tokens/s, transformers' own cached loop {row['transformers_tokens_per_s']:.1f} "
+        f"tokens/s: x{row['ratio']:.2f}, same tokens: {same}",
+        flush=True,
+    )
+    return row
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -206,6 +272,7 @@ def run(args: argparse.Namespace) -> dict:
                     + f", loop {100 * b['loop_share']:.0f}%",
                     flush=True,
                 )
+    hf = _hf_baseline(model, prompts, args, device) if args.hf_baseline else None
     for row in results:
         ar = next(
             r["tokens_per_s"]
@@ -224,6 +291,7 @@ def run(args: argparse.Namespace) -> dict:
         "prompt_order": "text" if args.text else args.prompt_order,
         "max_new_tokens": args.max_new_tokens,
         "results": results,
+        **({"transformers_baseline": hf} if hf else {}),
     }
 
 
