@@ -250,6 +250,17 @@ def test_bench_levers_times_every_lever(capsys) -> None:
     assert {"complementary", "suffix_prob=0.5", "block 4 (curriculum stage)"} <= set(result)
 
 
+def test_bench_objectives_steps_ar_and_two_tower_in_turn(capsys) -> None:
+    from twotower_train.tools import bench
+
+    small = ["--steps", "1", "--warmup", "0", "data.seq_len=64", "train.micro_batch_size=2"]
+    assert bench.main(["objectives", *small, "precision=fp32", "deepspeed=zero0"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rates = result["tokens_per_s"]
+    assert set(rates) == {"ar", "twotower"} and min(rates.values()) > 0
+    assert result["ratio"] == pytest.approx(rates["twotower"] / rates["ar"])
+
+
 def test_bench_compare_against_a_git_ref(capsys) -> None:
     """`bench compare` extracts a ref's package, imports it beside this one and times both on
     the same inputs; a ref that does not exist is one line, exit 2."""
