@@ -576,8 +576,8 @@ class DraftPolicy:
     ``cap()`` is the most tokens the next round may draft (0: an AR step, no denoiser
     forward). It halves towards the accepted length when a draft is rejected and doubles
     when one is accepted whole. Rounds are timed: when drafting rounds yield fewer tokens
-    per second than AR steps (measured on this model, across rows and calls), drafting stops and it decodes
-    as AR; it probes the drafter again after ``backoff`` AR steps, doubling the backoff (up
+    per second than AR steps (measured on this model, across rows and calls), drafting
+    stops and it decodes as AR; it probes the drafter again after ``backoff`` AR steps, doubling the backoff (up
     to ``max_backoff``) each time the probe loses. The worst case, a drafter that never
     helps, costs one probe per ``max_backoff`` tokens."""
 

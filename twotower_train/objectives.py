@@ -28,7 +28,14 @@ from twotower_train.diffusion import (
     sample_t,
     shift_teacher_logits,
 )
-from twotower_train.model.head import Rows, chunk_rows, chunked_sums, decoder_hidden, head_vocab
+from twotower_train.model.head import (
+    Rows,
+    add_sums,
+    chunk_rows,
+    chunked_sums,
+    decoder_hidden,
+    head_vocab,
+)
 from twotower_train.model.head import lm_logits as hf_lm_logits
 from twotower_train.model.masks import block_document_ids
 
@@ -172,9 +179,8 @@ class TwoTowerObjective(nn.Module):
             passes.append((noisy_c, comp & scored, None if rate is None else 1.0 - rate))
         kd_valid = None
         if self.distill.weight > 0:  # no teacher at p = 0; it reads the real next document
-            kd_valid = torch.ones_like(in_block_doc)
+            kd_valid = in_block_doc.clone()
             kd_valid[:, 0] = False
-            kd_valid = kd_valid & in_block_doc
         step = _Step(clean, ids, doc_ids, bs, expand_blocks(t, bs), scored.sum(), kd_valid)
         if self.lm_head == "full":
             sums = self._full_logits(step, passes)
@@ -221,8 +227,7 @@ class TwoTowerObjective(nn.Module):
                 kd_w = kd_w * step.kd_valid.flatten()[flat]
             total = None
             for which, rows in self.model.loss_rows(hidden, ctx_out, flat, step.bs):
-                part = self._row_sums(rows, teacher, which, targets, ce_w, kd_w)
-                total = part if total is None else tuple(a + b for a, b in zip(total, part))
+                total = add_sums(total, self._row_sums(rows, teacher, which, targets, ce_w, kd_w))
             ce_sum, kd_sum, correct, plain = total
             n_ce = masked_p.sum()
             denom = n_ce.clamp(min=1).float()

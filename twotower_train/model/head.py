@@ -97,6 +97,14 @@ def chunked_sums(
     for start in range(0, n, chunk) if n else [0]:
         stop = min(start + chunk, n)
         args = (start, stop, *(t[start:stop] for t in row_tensors))
-        part = checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args)
-        totals = part if totals is None else tuple(a + b for a, b in zip(totals, part))
+        totals = add_sums(
+            totals, checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args)
+        )
     return totals
+
+
+def add_sums(
+    totals: tuple[torch.Tensor, ...] | None, part: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, ...]:
+    """``totals + part`` element by element (``part`` itself when there are no totals yet)."""
+    return part if totals is None else tuple(a + b for a, b in zip(totals, part))

@@ -257,9 +257,8 @@ class TwoTowerModel(nn.Module):
         first position, and all-zero logits at position 0 of a row."""
         head = self.denoiser.head_logits
         rows = hidden.flatten(0, 1)
-        everything = torch.arange(flat.numel(), device=flat.device)
         if not self.config.shift_logits:
-            return [(everything, Rows(rows[flat], head))]
+            return [(torch.arange(flat.numel(), device=flat.device), Rows(rows[flat], head))]
         bs = block_size or self.block_size
         col = flat % hidden.shape[1]
         first = col % bs == 0
