@@ -147,3 +147,36 @@ def test_input_files_take_a_file_folder_glob_or_the_tiny_world(tmp_path: Path, m
     assert [r["prompt"] for r in records] == ["x", "y"] and skipped == 0
     with pytest.raises(distill_data.DistillDataError, match="no such file"):
         distill_data.input_files(str(tmp_path / "*.parquet"))
+
+
+def test_prompts_cut_from_running_text(tmp_path: Path, tok, capsys):
+    passages = [
+        {"text": "the cat sat on the mat and the dog ran", "id": 0},
+        {"text": "short", "id": 1},  # no longer than the cut: skipped
+        {"text": "add 1 2 = 3 and add 4 5 = 9", "id": 2, "prompt": "kept aside"},
+        {"text": "copy a b c = a b c", "id": 3},
+    ]
+    src = write_jsonl(tmp_path / "passages.jsonl", passages)
+    out = tmp_path / "greedy.jsonl"
+    argv = ["--backbone", "tiny_llama", "--input", str(src), "--out", str(out)]
+    argv += ["--prompt-field", "text", "--max-new-tokens", "5"]
+    assert (
+        distill_data.main([*argv, "--prompt-tokens", "4", "--keep-unfinished", "--limit", "2"]) == 0
+    )
+    line = capsys.readouterr().out
+    assert "2 continuations" in line and "1 too short to cut" in line
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in records] == [0, 2]  # the limit counts records that were cut
+    for r, p in zip(records, [passages[0], passages[2]]):
+        ids = tok.encode(p["text"], add_special_tokens=False)
+        assert r["prompt"] == tok.decode(ids[:4])
+        assert r["text"] == r["prompt"] + r["answer"] and r["corpus_text"] == p["text"]
+    assert records[1]["corpus_prompt"] == "kept aside"
+    # Nothing long enough: one line, nothing written.
+    out.unlink()
+    assert distill_data.main([*argv, "--prompt-tokens", "50"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "no 'text' field is longer than --prompt-tokens 50 tokens" in err
+    assert len(err.splitlines()) == 1 and not out.exists()
+    assert distill_data.main([*argv, "--prompt-tokens", "0"]) == 2
+    assert "--prompt-tokens must be >= 1" in capsys.readouterr().err

@@ -15,7 +15,11 @@ Each output record keeps the input record's fields, puts the continuation under
 ``corpus_<field>``), and sets ``text`` = prompt + continuation (a plain document; an input
 ``text`` that differs moves to ``corpus_text``), so the
 file serves as plain documents (``field: text``) or as SFT pairs (``prompt_field`` /
-``completion_field``). Continuations that hit ``--max-new-tokens`` before the backbone's EOS
+``completion_field``). With ``--prompt-tokens N`` the prompts are cut from running text instead: the first ``N``
+tokens of each record's ``--prompt-field`` (e.g. ``text`` of a corpus of passages; records
+no longer than ``N`` tokens are skipped, as they leave nothing to continue), stored under
+``prompt`` (an input ``prompt`` moves to ``corpus_prompt``).
+Continuations that hit ``--max-new-tokens`` before the backbone's EOS
 are dropped (``--keep-unfinished`` keeps them): packed with an EOS after them, they would
 teach the denoiser to stop where the backbone does not. The file is written to a temporary
 name and renamed, so a failed run leaves nothing half-written.
@@ -103,6 +107,32 @@ def greedy_continuations(
     return [(out, len(out) < max_new_tokens) for out in outs]
 
 
+def cut_prompts(
+    records: list[dict], tokenizer, prompt_field: str, prompt_tokens: int, limit: int | None
+) -> tuple[list[dict], int]:
+    """Records whose ``prompt_field`` is longer than ``prompt_tokens`` tokens, each with
+    ``prompt`` = the text of its first ``prompt_tokens`` tokens (at most ``limit`` of them),
+    and how many were too short."""
+    out, short = [], 0
+    for record in records:
+        ids = tokenizer.encode(record[prompt_field], add_special_tokens=False)
+        if len(ids) <= prompt_tokens:
+            short += 1
+            continue
+        new = dict(record)
+        if "prompt" in record and prompt_field != "prompt":
+            new["corpus_prompt"] = record["prompt"]
+        new["prompt"] = tokenizer.decode(ids[:prompt_tokens])
+        out.append(new)
+        if limit is not None and len(out) >= limit:
+            break
+    if not out:
+        raise DistillDataError(
+            f"no '{prompt_field}' field is longer than --prompt-tokens {prompt_tokens} tokens"
+        )
+    return out, short
+
+
 def distill_records(
     records: list[dict],
     continuations: list[tuple[list[int], bool]],
@@ -157,16 +187,24 @@ def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     if out.suffix != ".jsonl":
         raise DistillDataError(f"--out {out}: must end in .jsonl")
-    records, skipped = read_prompts(input_files(args.input), args.prompt_field, args.limit)
+    cut = args.prompt_tokens is not None
+    limit = None if cut else args.limit  # cutting skips short records: limit after it
+    records, skipped = read_prompts(input_files(args.input), args.prompt_field, limit)
     cfg = BackboneConfig(name_or_path=args.backbone, revision=args.revision)
     tokenizer = load_tokenizer(cfg)
+    short, prompt_field = 0, args.prompt_field
+    if cut:
+        records, short = cut_prompts(
+            records, tokenizer, args.prompt_field, args.prompt_tokens, args.limit
+        )
+        prompt_field = "prompt"
     device = resolve_device(args.device)
     model = load_backbone(cfg, tokenizer).to(device)
     t0 = time.perf_counter()
     continuations = greedy_continuations(
         model,
         tokenizer,
-        [r[args.prompt_field] for r in records],
+        [r[prompt_field] for r in records],
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
     )
@@ -175,7 +213,7 @@ def run(args: argparse.Namespace) -> dict:
         records,
         continuations,
         tokenizer,
-        prompt_field=args.prompt_field,
+        prompt_field=prompt_field,
         completion_field=args.completion_field,
         keep_unfinished=args.keep_unfinished,
     )
@@ -191,6 +229,7 @@ def run(args: argparse.Namespace) -> dict:
         "backbone": args.backbone,
         "records": len(written),
         "skipped_without_prompt": skipped,
+        "skipped_short": short,
         "new_tokens": tokens,
         "seconds": seconds,
         "tokens_per_s": tokens / seconds if seconds > 0 else None,
@@ -214,6 +253,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-field", default="prompt")
     p.add_argument("--completion-field", default="answer")
     p.add_argument("--limit", type=int, default=None, help="at most this many prompts")
+    p.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=None,
+        help="cut each prompt to its first N tokens (prompts from running text, e.g. "
+        "--prompt-field text); records no longer than N tokens are skipped",
+    )
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -223,7 +269,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    for name in ("limit", "max_new_tokens", "batch_size"):
+    for name in ("limit", "prompt_tokens", "max_new_tokens", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             print(f"distill_data: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
@@ -238,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         f"[distill_data] {summary['records']:,} continuations by {summary['backbone']} -> "
         f"{summary['out']} ({summary['new_tokens']:,} tokens in {summary['seconds']:.1f}s on "
         f"{summary['device']}; {summary['dropped_unfinished']:,} unfinished dropped, "
-        f"{summary['skipped_without_prompt']:,} records without a prompt skipped)"
+        f"{summary['skipped_without_prompt']:,} records without a prompt skipped"
+        + (f", {summary['skipped_short']:,} too short to cut" if args.prompt_tokens else "")
+        + ")"
         + (f"; same as the corpus: {agreement}" if agreement else ""),
         flush=True,
     )
